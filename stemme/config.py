@@ -1,0 +1,70 @@
+"""Configuration: plain dataclasses, built from the environment (STEMME_*) and the command line at the entry
+point only. Every model and voice can be given by path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from stemme.voice import languages
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    asr_model: str | None = None
+    """A CTranslate2 Whisper directory; None: the embedded whisper-base pack."""
+    asr_compute_type: str = "auto"
+    """auto: int8 on CPU, float16 on CUDA."""
+    asr_beam_size: int = 1
+    """1: greedy decoding (lowest latency)."""
+    asr_threads: int = field(default_factory=_cores)
+    """CPU threads of the ASR engine (it runs alone in a turn, so it may take every core)."""
+    llm_pack: str = "qwen2.5-coder-0.5b"
+    """Embedded model pack of the language model (qwen2.5-coder-0.5b, or qwen2.5-coder-1.5b)."""
+    llm_model: str | None = None
+    """A .gguf file, a Hugging Face, ONNX Runtime GenAI or CTranslate2 directory; overrides llm_pack."""
+    llm_backend: str = "auto"
+    """auto (transformers on CUDA, ort-genai on CPU), ort-genai, transformers or ctranslate2."""
+    llm_threads: int = field(default_factory=lambda: max(1, _cores() - 1))
+    """CPU threads of the LLM; one core is left to TTS, which runs at the same time."""
+    llm_max_tokens: int = 80
+    """Longest answer, in tokens."""
+    tts_threads: int = 1
+    """CPU threads of Kokoro."""
+    tts_speed: float = 1.0
+    """Speaking-rate multiplier applied to every voice."""
+    voices_file: str | None = None
+    """JSON list of operator voices (see voice/tts.py: Voice); they come before the defaults."""
+    languages: tuple[str, ...] = languages.SUPPORTED
+    """Languages the ASR may detect (None/empty: any Whisper language)."""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> EngineConfig:
+        env = dict(os.environ if env is None else env)
+        cfg = cls()
+        for f in fields(cls):
+            key = "STEMME_" + f.name.upper()
+            if key in env and env[key] != "":
+                raw = env[key]
+                cur = getattr(cfg, f.name)
+                if isinstance(cur, bool):
+                    val: object = raw.lower() in ("1", "true", "yes", "on")
+                elif isinstance(cur, int):
+                    val = int(raw)
+                elif isinstance(cur, float):
+                    val = float(raw)
+                elif isinstance(cur, tuple):
+                    val = tuple(x.strip() for x in raw.split(",") if x.strip())
+                else:
+                    val = raw
+                setattr(cfg, f.name, val)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        return cfg

@@ -1,0 +1,45 @@
+"""One exception tree for Stemme. Each error carries a one-line message fit for a user."""
+
+from __future__ import annotations
+
+
+class StemmeError(Exception):
+    """Base of every error Stemme raises on purpose."""
+
+    code: str = "stemme_error"
+
+
+class PackError(StemmeError):
+    """A model pack is missing, incomplete or corrupted. The message names the package and the fix."""
+
+    code = "model_pack_error"
+
+
+class ModelLoadError(StemmeError):
+    """A model file exists but its engine could not load it."""
+
+    code = "model_load_error"
+
+
+class ConfigError(StemmeError):
+    """A configuration value is invalid."""
+
+    code = "invalid_config"
+
+
+class AudioFormatError(StemmeError):
+    """Audio is not in a supported format."""
+
+    code = "invalid_audio"
+
+
+class VoiceNotFoundError(StemmeError):
+    """No voice is available for the requested language or name."""
+
+    code = "voice_not_found"
+
+
+class CancelledError(StemmeError):
+    """Work was cancelled on purpose (barge-in, response.cancel, disconnect)."""
+
+    code = "cancelled"

@@ -1,0 +1,170 @@
+"""Streaming voice activity detection: 16 kHz audio in, speech-start / speech-end events out.
+
+The semantics follow the Realtime API's ``server_vad``: ``threshold``, ``prefix_padding_ms`` (audio kept
+before the detected start) and ``silence_duration_ms`` (silence that ends the turn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from stemme.voice.audio import ASR_RATE
+
+FRAME = 512
+"""Samples per VAD decision (32 ms at 16 kHz)."""
+
+
+class SpeechModel(Protocol):
+    def new_state(self) -> object: ...
+
+    def __call__(self, frames: np.ndarray, state: object) -> np.ndarray: ...
+
+
+@dataclass
+class VadOptions:
+    threshold: float = 0.5
+    """Speech probability at or above which a frame is speech."""
+    prefix_padding_ms: int = 300
+    """Audio kept before the detected start of speech."""
+    silence_duration_ms: int = 500
+    """Silence after speech that ends the utterance."""
+    min_speech_ms: int = 160
+    """Speech needed before a start is announced (rejects clicks and coughs)."""
+    max_speech_s: float = 30.0
+    """An utterance is cut (ended) after this long."""
+    trailing_ms: int = 200
+    """Silence kept after the last voiced frame in the utterance audio."""
+
+    @property
+    def neg_threshold(self) -> float:
+        return max(0.05, self.threshold - 0.15)
+
+
+@dataclass
+class SpeechStarted:
+    audio_start_ms: int
+    """Start of the utterance (prefix padding included), in ms since the stream began."""
+
+
+@dataclass
+class SpeechStopped:
+    audio_end_ms: int
+    """End of the last voiced frame, in ms since the stream began."""
+    audio: np.ndarray = field(repr=False)
+    """The utterance at 16 kHz, prefix padding and a little trailing silence included."""
+    forced: bool = False
+    """True when the utterance hit ``max_speech_s``."""
+
+
+VadEvent = SpeechStarted | SpeechStopped
+
+
+class VadStream:
+    """Per-stream VAD state over a shared model. Not thread-safe: one stream per session."""
+
+    def __init__(self, model: SpeechModel, options: VadOptions | None = None) -> None:
+        self.model = model
+        self.options = options or VadOptions()
+        self._state = model.new_state()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._history: list[np.ndarray] = []
+        """Recent frames before speech (for the prefix padding)."""
+        self._utterance: list[np.ndarray] = []
+        self._frames_seen = 0
+        self._voiced_run = 0
+        self._silence_run = 0
+        self._speaking = False
+        self._candidate = False
+        self._start_frame = 0
+        self._last_voiced = 0
+        self.last_probability = 0.0
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def samples_seen(self) -> int:
+        return self._frames_seen * FRAME + len(self._pending)
+
+    def reset(self) -> None:
+        """Forget buffered audio and any utterance in progress (keeps the clock)."""
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._history.clear()
+        self._utterance.clear()
+        self._voiced_run = self._silence_run = 0
+        self._speaking = self._candidate = False
+
+    def _ms(self, frames: int) -> int:
+        return frames * FRAME * 1000 // ASR_RATE
+
+    def feed(self, samples: np.ndarray) -> list[VadEvent]:
+        """Feed 16 kHz float32 samples (any length); return the events they complete."""
+        x = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        n = len(x) // FRAME
+        self._pending = x[n * FRAME:]
+        if n == 0:
+            return []
+        frames = x[: n * FRAME].reshape(n, FRAME)
+        probs = self.model(frames, self._state)
+        events: list[VadEvent] = []
+        o = self.options
+        frame_ms = FRAME * 1000 / ASR_RATE
+        min_speech = max(1, int(o.min_speech_ms / frame_ms))
+        silence_end = max(1, int(o.silence_duration_ms / frame_ms))
+        pad_frames = int(o.prefix_padding_ms / frame_ms)
+        trail_frames = int(o.trailing_ms / frame_ms)
+        max_frames = int(o.max_speech_s * 1000 / frame_ms)
+        for frame, p in zip(frames, probs):
+            idx = self._frames_seen
+            self._frames_seen += 1
+            self.last_probability = float(p)
+            if not (self._speaking or self._candidate):
+                if p >= o.threshold:
+                    self._candidate = True
+                    self._voiced_run = 1
+                    self._silence_run = 0
+                    self._start_frame = idx
+                    self._last_voiced = idx
+                    self._utterance = self._history[-pad_frames:] if pad_frames else []
+                    self._utterance = [*self._utterance, frame]
+                    self._history.clear()
+                else:
+                    self._history.append(frame)
+                    if len(self._history) > max(pad_frames, 1):
+                        del self._history[0]
+                    continue
+            else:
+                self._utterance.append(frame)
+                if p >= o.threshold or (self._speaking and p >= o.neg_threshold and self._silence_run == 0):
+                    self._voiced_run += 1
+                    self._silence_run = 0
+                    self._last_voiced = idx
+                else:
+                    self._silence_run += 1
+            if self._candidate and not self._speaking:
+                if self._voiced_run >= min_speech:
+                    self._speaking = True
+                    self._candidate = False
+                    start = max(0, self._start_frame - pad_frames)
+                    events.append(SpeechStarted(self._ms(start)))
+                elif self._silence_run >= silence_end:
+                    self._candidate = False
+                    self._voiced_run = self._silence_run = 0
+                    self._history = self._utterance[-max(pad_frames, 1):]
+                    self._utterance = []
+                continue
+            if self._speaking:
+                length = idx - self._start_frame + 1
+                if self._silence_run >= silence_end or length >= max_frames:
+                    keep = len(self._utterance) - max(0, self._silence_run - trail_frames)
+                    audio = np.concatenate(self._utterance[:keep]) if keep > 0 else np.zeros(0, np.float32)
+                    events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio,
+                                                forced=length >= max_frames))
+                    self._utterance = []
+                    self._speaking = False
+                    self._voiced_run = self._silence_run = 0
+        return events
