@@ -43,7 +43,8 @@ def load_asr(cfg: EngineConfig) -> SpeechRecognizer:
 
     device = resolve_device(cfg.device)
     return FasterWhisperRecognizer(cfg.asr_model, device=device, compute_type=cfg.asr_compute_type,
-                                   cpu_threads=cfg.asr_threads)
+                                   cpu_threads=cfg.asr_threads, short_context=cfg.asr_short_context,
+                                   pad_seconds=cfg.asr_pad_seconds)
 
 
 def llm_backend(cfg: EngineConfig) -> str:
