@@ -21,7 +21,7 @@ from stemme.voice.tts import Voice
 RATE = 24000
 MAX_TOKENS = 510
 
-PHONEME_FALLBACK = {"ʏ": "ʊ", "ɵ": "ʊ", "ʑ": "ʒ", "ɫ": "l", "ɬ": "l", "ʀ": "ʁ", "ɱ": "m", "ɧ": "ʃ", "ɘ": "ə"}
+PHONEME_FALLBACK = {"ʏ": "y", "ɵ": "ʊ", "ʑ": "ʒ", "ɫ": "l", "ɬ": "l", "ʀ": "ʁ", "ɱ": "m", "ɧ": "ʃ", "ɘ": "ə"}
 """espeak-ng phonemes missing from Kokoro's vocabulary, mapped to the nearest sound it knows
 (German 'ü' in 'zurück', Dutch 'u' in 'dus', Polish 'ź'); without this they are silently dropped.
 The German diphthong 'eu' (espeak 'ɔø') is read as the English 'oy' Kokoro knows well."""

@@ -123,7 +123,7 @@ def wav_bytes(audio: Audio) -> bytes:
     return buf.getvalue()
 
 
-def trim_silence(samples: np.ndarray, rate: int, *, threshold_db: float = -40.0, pad_ms: float = 40.0) -> np.ndarray:
+def trim_silence(samples: np.ndarray, rate: int, *, threshold_db: float = -50.0, pad_ms: float = 60.0) -> np.ndarray:
     """Cut leading and trailing silence (frames quieter than threshold_db below the peak), keeping pad_ms."""
     if len(samples) == 0:
         return samples

@@ -1,0 +1,74 @@
+"""The language model: answers in the user's language, streams, and stops when cancelled."""
+
+from __future__ import annotations
+
+import threading
+
+import langid
+import pytest
+
+from stemme.voice.languages import SUPPORTED
+from stemme.voice.llm import Conversation, GenerationOptions
+
+QUESTIONS = {
+    # open questions: their answers are long enough for a text language identifier to be reliable
+    "en": "Why is the sky blue?",
+    "fr": "Pourquoi le ciel est-il bleu ?",
+    "de": "Warum ist der Himmel blau?",
+    "es": "¿Por qué el cielo es azul?",
+    "it": "Perché il cielo è blu?",
+    "pt": "Por que o céu é azul?",
+    "nl": "Waarom is de lucht blauw?",
+    "pl": "Dlaczego niebo jest niebieskie?",
+}
+
+
+@pytest.fixture(scope="module")
+def identifier():
+    ident = langid.langid.LanguageIdentifier.from_modelstring(langid.langid.model, norm_probs=True)
+    ident.set_languages(list(SUPPORTED))
+    return ident
+
+
+@pytest.mark.parametrize("lang", SUPPORTED)
+def test_answers_in_the_users_language(engines, identifier, lang):
+    conv = Conversation()
+    conv.add("user", QUESTIONS[lang])
+    answer = "".join(engines.llm.stream(conv.messages(lang), GenerationOptions(max_new_tokens=60)))
+    assert answer.strip(), "empty answer"
+    detected, _p = identifier.classify(answer)
+    assert detected == lang, f"{lang}: answer {answer!r} looks like {detected}"
+
+
+def test_streams_pieces_and_stops_on_cancel(engines):
+    conv = Conversation()
+    conv.add("user", "Tell me a long story about a dragon and a knight.")
+    cancel = threading.Event()
+    pieces = []
+    for piece in engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=200), cancel):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+    assert len(pieces) == 3, "generation must stop at the next token once cancelled"
+    cancel2 = threading.Event()
+    cancel2.set()
+    assert list(engines.llm.stream(conv.messages("en"), None, cancel2)) == []
+
+
+def test_history_is_used(engines):
+    conv = Conversation()
+    conv.add("user", "My name is Zofia. Please remember it.")
+    conv.add("assistant", "Nice to meet you, Zofia.")
+    conv.add("user", "What is my name?")
+    answer = "".join(engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=30)))
+    assert "zofia" in answer.lower()
+
+
+def test_conversation_keeps_recent_turns_only():
+    conv = Conversation(max_turns=2)
+    for i in range(5):
+        conv.add("user", f"q{i}")
+        conv.add("assistant", f"a{i}")
+    msgs = conv.messages("de")
+    assert msgs[0]["role"] == "system" and "German" in msgs[0]["content"]
+    assert [m["content"] for m in msgs[1:]] == ["q3", "a3", "q4", "a4"]

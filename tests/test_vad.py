@@ -1,0 +1,81 @@
+"""Streaming VAD: the logic with a fake model, and the real Silero model on real speech."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stemme.voice.audio import read_wav
+from stemme.voice.vad import FRAME, SpeechStarted, SpeechStopped, VadOptions, VadStream
+from tests.conftest import SPEECH
+
+
+class FakeSpeechModel:
+    """Fake for logic tests: a frame is 'speech' when its mean absolute amplitude passes 0.1."""
+
+    def new_state(self):
+        return None
+
+    def __call__(self, frames, state):
+        return (np.abs(frames).mean(axis=1) > 0.1).astype(np.float32)
+
+
+def _signal(pattern: list[tuple[bool, float]]) -> np.ndarray:
+    return np.concatenate([np.full(int(s * 16000), 0.5 if on else 0.0, np.float32) for on, s in pattern])
+
+
+def feed_in_chunks(vad: VadStream, x: np.ndarray, chunk: int = 320):
+    events = []
+    for i in range(0, len(x), chunk):
+        events += vad.feed(x[i:i + chunk])
+    return events
+
+
+def test_start_and_stop_with_padding_and_silence_duration():
+    vad = VadStream(FakeSpeechModel(), VadOptions(prefix_padding_ms=300, silence_duration_ms=500))
+    ev = feed_in_chunks(vad, _signal([(False, 1.0), (True, 1.0), (False, 1.0)]))
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechStopped]
+    assert abs(ev[0].audio_start_ms - 700) <= 64  # 1000 ms start - 300 ms padding
+    assert abs(ev[1].audio_end_ms - 2000) <= 64
+    # utterance = padding + speech + some trailing silence, never the whole stream
+    assert 1.25 <= len(ev[1].audio) / 16000 <= 1.6
+
+
+def test_short_pause_does_not_end_the_turn_and_clicks_are_ignored():
+    vad = VadStream(FakeSpeechModel(), VadOptions(silence_duration_ms=500, min_speech_ms=160))
+    ev = feed_in_chunks(vad, _signal([(False, 0.5), (True, 0.064), (False, 1.0), (True, 0.6), (False, 0.3),
+                                      (True, 0.6), (False, 0.8)]))
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechStopped]
+
+
+def test_max_speech_forces_an_end():
+    vad = VadStream(FakeSpeechModel(), VadOptions(max_speech_s=2.0))
+    ev = feed_in_chunks(vad, _signal([(True, 5.0)]))
+    stops = [e for e in ev if isinstance(e, SpeechStopped)]
+    assert stops and stops[0].forced
+
+
+def test_odd_chunk_sizes_keep_the_clock():
+    vad = VadStream(FakeSpeechModel())
+    x = _signal([(False, 1.0), (True, 1.0), (False, 1.0)])
+    ev = feed_in_chunks(vad, x, chunk=333)
+    assert vad.samples_seen == len(x)
+    assert isinstance(ev[0], SpeechStarted)
+
+
+def test_silero_detects_real_speech(engines):
+    a = read_wav(SPEECH / "en" / "asterisk_tt-weasels.wav")
+    x = np.concatenate([np.zeros(16000, np.float32), a.samples, np.zeros(16000, np.float32)])
+    vad = VadStream(engines.vad, VadOptions(silence_duration_ms=700))
+    ev = feed_in_chunks(vad, x, chunk=480)
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechStopped]
+    assert 300 <= ev[0].audio_start_ms <= 1600
+    speech = ev[1].audio
+    assert 1.5 <= len(speech) / 16000 <= len(x) / 16000 - 1.0
+
+
+def test_silero_stays_quiet_on_silence_and_noise(engines):
+    rng = np.random.default_rng(0)
+    vad = VadStream(engines.vad)
+    x = np.concatenate([np.zeros(16000, np.float32), (rng.standard_normal(32000) * 0.003).astype(np.float32)])
+    assert feed_in_chunks(vad, x) == []
+    assert FRAME == 512
