@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stemme.voice.audio import read_wav
-from stemme.voice.vad import FRAME, SpeechStarted, SpeechStopped, VadOptions, VadStream
+from stemme.voice.vad import FRAME, SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
 from tests.conftest import SPEECH
 
 
@@ -23,11 +23,21 @@ def _signal(pattern: list[tuple[bool, float]]) -> np.ndarray:
     return np.concatenate([np.full(int(s * 16000), 0.5 if on else 0.0, np.float32) for on, s in pattern])
 
 
-def feed_in_chunks(vad: VadStream, x: np.ndarray, chunk: int = 320):
+def feed_in_chunks(vad: VadStream, x: np.ndarray, chunk: int = 320, paused: bool = False):
     events = []
     for i in range(0, len(x), chunk):
         events += vad.feed(x[i:i + chunk])
-    return events
+    return events if paused else [e for e in events if not isinstance(e, SpeechPaused)]
+
+
+def test_pause_carries_exactly_the_audio_of_the_stop():
+    vad = VadStream(FakeSpeechModel(), VadOptions(silence_duration_ms=500, trailing_ms=200))
+    ev = feed_in_chunks(vad, _signal([(False, 0.5), (True, 1.0), (False, 0.2), (True, 0.5), (False, 1.0)]),
+                        paused=True)
+    kinds = [type(e) for e in ev]
+    assert kinds == [SpeechStarted, SpeechPaused, SpeechPaused, SpeechStopped]
+    assert len(ev[1].audio) < len(ev[2].audio)  # speech resumed after the first pause
+    assert np.array_equal(ev[2].audio, ev[3].audio)
 
 
 def test_start_and_stop_with_padding_and_silence_duration():

@@ -59,7 +59,16 @@ class SpeechStopped:
     """True when the utterance hit ``max_speech_s``."""
 
 
-VadEvent = SpeechStarted | SpeechStopped
+@dataclass
+class SpeechPaused:
+    """Speech went quiet for ``trailing_ms``; the turn ends unless speech resumes within the rest of
+    ``silence_duration_ms``. ``audio`` is exactly what SpeechStopped will carry if it does not resume, so
+    a consumer may start transcribing it speculatively."""
+
+    audio: np.ndarray = field(repr=False)
+
+
+VadEvent = SpeechStarted | SpeechStopped | SpeechPaused
 
 
 class VadStream:
@@ -158,6 +167,8 @@ class VadStream:
                     self._utterance = []
                 continue
             if self._speaking:
+                if self._silence_run == trail_frames and trail_frames < silence_end:
+                    events.append(SpeechPaused(np.concatenate(self._utterance)))
                 length = idx - self._start_frame + 1
                 if self._silence_run >= silence_end or length >= max_frames:
                     keep = len(self._utterance) - max(0, self._silence_run - trail_frames)

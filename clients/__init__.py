@@ -1,0 +1,1 @@
+"""Clients of the Stemme server: the device client (`stemme talk`), the browser page, load tests."""

@@ -1,0 +1,221 @@
+"""The WebSocket server: a thin loop around Session. ``/v1/realtime`` speaks the Realtime API;
+``/healthz`` answers plain HTTP. Models load once, before the port opens, and are shared by all sessions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from stemme.config import EngineConfig
+from stemme.engines import Engines
+from stemme.streaming.protocol import new_id
+from stemme.streaming.session import Session
+from stemme.voice.llm import Conversation, GenerationOptions
+from stemme.voice.pipeline import Stages
+
+logger = logging.getLogger(__name__)
+
+WS_MAX_SIZE = 16 << 20
+"""Frames up to this size reach the session, which answers oversized ones with an error event; beyond it
+the connection is closed with 1009."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, clients must send ``Authorization: Bearer <key>`` (or ``?api_key=`` / the
+    ``openai-insecure-api-key.<key>`` subprotocol, for browsers)."""
+    warmup: bool = True
+    """Run each engine once before accepting sessions, so the first user does not pay for it."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warm_up(engines: Engines) -> None:
+    t = time.perf_counter()
+    engines.load_all()
+    engines.asr.transcribe(np.zeros(16000, np.float32))
+    conv = Conversation()
+    conv.add("user", "Hi")
+    for _ in engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=2)):
+        pass
+    reg = engines.tts.registry
+    warmed: set[str] = set()
+    for lang in engines.config.languages:
+        try:
+            v = reg.resolve(lang)
+        except Exception:  # noqa: BLE001 - a missing voice is reported when it is needed
+            continue
+        if v.engine not in warmed:
+            engines.tts.synthesize("Hello.", v)
+            warmed.add(v.engine)
+    logger.info("engines warmed up in %.1fs", time.perf_counter() - t)
+
+
+class StemmeServer:
+    def __init__(self, engines: Engines, config: ServerConfig | None = None) -> None:
+        self.engines = engines
+        self.config = config or ServerConfig()
+        self.stages = Stages()
+        self.sessions: set[Session] = set()
+        self._server: Any = None
+        self.ready = False
+
+    # -- HTTP ---------------------------------------------------------------------------------------------
+    async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlparse(request.path).path
+        if path in ("/v1/realtime", "/realtime"):
+            return None
+        if path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if path == "/readyz":
+            return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "loading\n")
+        return connection.respond(404, "not found\n")
+
+    def _authorised(self, ws: ServerConnection, query: dict[str, list[str]]) -> bool:
+        key = self.config.api_key
+        if not key:
+            return True
+        offered: list[str] = []
+        auth = ws.request.headers.get("Authorization", "") if ws.request else ""
+        if auth.lower().startswith("bearer "):
+            offered.append(auth[7:].strip())
+        offered += query.get("api_key", [])
+        proto = ws.request.headers.get("Sec-WebSocket-Protocol", "") if ws.request else ""
+        for p in proto.split(","):
+            p = p.strip()
+            if p.startswith("openai-insecure-api-key."):
+                offered.append(p[len("openai-insecure-api-key."):])
+        return any(hmac.compare_digest(o.encode(), key.encode()) for o in offered)
+
+    @staticmethod
+    def select_subprotocol(ws: ServerConnection, offered: Any) -> Any:
+        for p in offered:
+            if p == "realtime":
+                return p
+        return offered[0] if offered else None
+
+    # -- WebSocket ----------------------------------------------------------------------------------------
+    async def handler(self, ws: ServerConnection) -> None:
+        query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
+        if not self._authorised(ws, query):
+            await ws.send(json.dumps({"type": "error", "event_id": new_id("event"), "error": {
+                "type": "invalid_request_error", "code": "invalid_api_key",
+                "message": "missing or invalid API key: send 'Authorization: Bearer <key>'"}}))
+            await ws.close(1008, "invalid or missing API key")
+            return
+        out: asyncio.Queue[dict | bytes | None] = asyncio.Queue()
+        session = Session(self.engines, self.stages, out.put_nowait,
+                          binary_audio=query.get("audio", [""])[0] == "binary",
+                          beta_names=query.get("event_names", [""])[0] == "beta")
+        self.sessions.add(session)
+        peer = ws.remote_address
+        logger.info("session=%s connected from %s (binary=%s)", session.id, peer, session.binary_audio)
+
+        async def writer() -> None:
+            while True:
+                item = await out.get()
+                if item is None:
+                    return
+                await ws.send(item if isinstance(item, bytes) else json.dumps(item, ensure_ascii=False))
+
+        wtask = asyncio.create_task(writer())
+        try:
+            await session.start()
+            async for message in ws:
+                if isinstance(message, str):
+                    await session.handle_text(message)
+                else:
+                    await session.handle_binary(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await session.close()
+            self.sessions.discard(session)
+            out.put_nowait(None)
+            try:
+                await asyncio.wait_for(wtask, timeout=2)
+            except (asyncio.TimeoutError, ConnectionClosed, Exception):  # noqa: BLE001 - the peer is gone
+                wtask.cancel()
+            logger.info("session=%s closed after %d turns", session.id, session.turns)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.config.warmup:
+            await loop.run_in_executor(None, warm_up, self.engines)
+        else:
+            await loop.run_in_executor(None, self.engines.load_all)
+        if not self.config.api_key and not _is_loopback(self.config.host):
+            logger.warning("listening on %s without an API key: anyone who reaches this address can use the "
+                           "assistant; set --api-key or STEMME_API_KEY", self.config.host)
+        self._server = await serve(self.handler, self.config.host, self.config.port,
+                                   process_request=self.process_request, max_size=WS_MAX_SIZE,
+                                   select_subprotocol=self.select_subprotocol, ping_interval=20, ping_timeout=20)
+        self.ready = True
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.stages.shutdown()
+
+
+async def run_server(engines: Engines, config: ServerConfig) -> None:
+    server = StemmeServer(engines, config)
+    await server.start()
+    print(f"Stemme listening on ws://{config.host}:{server.port}/v1/realtime", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
+    import os
+
+    s = sub.add_parser("serve", help="run the real-time voice server")
+    s.add_argument("--host", default=os.environ.get("STEMME_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("STEMME_PORT", "8000")))
+    s.add_argument("--api-key", default=os.environ.get("STEMME_API_KEY") or None)
+    s.add_argument("--no-warmup", action="store_true")
+    engine_args(s)
+
+    def cmd(args: argparse.Namespace) -> int:
+        cfg: EngineConfig = make_config(args)
+        if args.log_level.upper() == "WARNING":
+            logging.getLogger().setLevel(logging.INFO)
+        asyncio.run(run_server(Engines(cfg), ServerConfig(args.host, args.port, args.api_key,
+                                                          warmup=not args.no_warmup)))
+        return 0
+
+    s.set_defaults(func=cmd)

@@ -1,0 +1,525 @@
+"""One client session: the Realtime protocol state machine over the turn pipeline. Socket-free: the server
+hands it messages and gives it a ``send`` callable; tests drive it the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stemme.engines import Engines
+from stemme.errors import StemmeError
+from stemme.streaming.protocol import (
+    BETA_NAMES,
+    MAX_BINARY_MESSAGE,
+    ProtocolError,
+    SessionConfig,
+    decode_audio,
+    error_event,
+    field_of,
+    item_text,
+    new_id,
+    parse_text,
+    validate_item,
+)
+from stemme.voice import languages
+from stemme.voice.asr import AsrOptions
+from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler, g711_to_float, pcm16_to_float
+from stemme.voice.llm import DEFAULT_INSTRUCTIONS, Conversation
+from stemme.voice.pipeline import SpokenClause, Stages, TextPiece, TurnMarks, respond, transcribe
+from stemme.voice.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
+
+logger = logging.getLogger(__name__)
+
+AUDIO_CHUNK_BYTES = 9600
+"""Bytes of 24 kHz PCM16 per audio delta (200 ms)."""
+MAX_BUFFER_SECONDS = 60.0
+"""Manual-commit input buffer limit."""
+LOG_CONTENT = os.environ.get("STEMME_LOG_CONTENT", "") == "1"
+"""Privacy: transcripts and replies appear in logs only when the operator sets STEMME_LOG_CONTENT=1."""
+
+Send = Callable[[dict[str, Any] | bytes], None]
+
+
+@dataclass
+class ResponseRun:
+    id: str
+    item: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task | None = None
+    reason: str | None = None
+    timeline: list[tuple[int, int, str]] = field(default_factory=list)
+    """(start_ms, end_ms, text) of each clause sent."""
+    audio_ms: int = 0
+
+
+class Session:
+    def __init__(self, engines: Engines, stages: Stages, send: Send, *, binary_audio: bool = False,
+                 beta_names: bool = False, session_id: str | None = None,
+                 allowed_languages: tuple[str, ...] | None = None) -> None:
+        self.engines = engines
+        self.stages = stages
+        self._send = send
+        self.binary_audio = binary_audio
+        self.id = session_id or new_id("sess")
+        self.config = SessionConfig(beta_names=beta_names)
+        self.allowed_languages = allowed_languages or engines.config.languages
+        self.items: list[dict[str, Any]] = []
+        self.timelines: dict[str, list[tuple[int, int, str]]] = {}
+        self._buffer: list[np.ndarray] = []
+        self._buffer_samples = 0
+        self._resampler: StreamResampler | None = None
+        self._resampler_key: tuple[str, int] | None = None
+        self._vad: VadStream | None = None
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=2000)
+        self._samples_in = 0
+        self._speech_item: str | None = None
+        self._speculative: tuple[int, asyncio.Task] | None = None
+        """(samples, ASR task) started when speech paused, reused if the turn ends without more speech."""
+        self._turn_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.response: ResponseRun | None = None
+        self.closed = False
+        self.turns = 0
+        self.latencies: list[dict[str, Any]] = []
+
+    # ---- output ---------------------------------------------------------------------------------------
+    def send(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        event.setdefault("event_id", new_id("event"))
+        if self.config.beta_names and event["type"] in BETA_NAMES:
+            event["type"] = BETA_NAMES[event["type"]]
+        self._send(event)
+
+    def error(self, err: ProtocolError) -> None:
+        logger.info("session=%s client error %s: %s", self.id, err.code, err.message)
+        self.send(error_event(err))
+
+    async def start(self) -> None:
+        self.send({"type": "session.created", "session": self.config.to_json()})
+
+    # ---- input ----------------------------------------------------------------------------------------
+    async def handle_text(self, data: str | bytes) -> None:
+        try:
+            event = parse_text(data)
+            await self._dispatch(event)
+        except ProtocolError as e:
+            self.error(e)
+        except StemmeError as e:
+            self.error(ProtocolError(str(e), code=e.code, error_type="server_error"))
+
+    async def handle_binary(self, data: bytes) -> None:
+        try:
+            if not self.binary_audio:
+                raise ProtocolError("binary frames need the binary-audio extension (connect with ?audio=binary)",
+                                    code="binary_not_enabled")
+            if len(data) > MAX_BINARY_MESSAGE:
+                raise ProtocolError(f"binary frame of {len(data)} bytes exceeds {MAX_BINARY_MESSAGE}",
+                                    code="message_too_large")
+            await self._append_audio(data)
+        except ProtocolError as e:
+            self.error(e)
+
+    async def _dispatch(self, event: dict[str, Any]) -> None:
+        t = event["type"]
+        eid = event.get("event_id")
+        if t == "input_audio_buffer.append":
+            await self._append_audio(decode_audio(event), eid)
+        elif t == "session.update":
+            self.config.apply(field_of(event, "session", dict), eid)
+            self._vad = None  # rebuilt with the new parameters
+            self.send({"type": "session.updated", "session": self.config.to_json()})
+        elif t == "input_audio_buffer.commit":
+            await self._commit(eid)
+        elif t == "input_audio_buffer.clear":
+            self._buffer.clear()
+            self._buffer_samples = 0
+            if self._vad:
+                self._vad.reset()
+            self.send({"type": "input_audio_buffer.cleared"})
+        elif t == "conversation.item.create":
+            item = validate_item(event)
+            self._insert_item(item, event.get("previous_item_id"))
+        elif t == "conversation.item.retrieve":
+            item = self._find_item(field_of(event, "item_id", str), eid)
+            self.send({"type": "conversation.item.retrieved", "item": item})
+        elif t == "conversation.item.delete":
+            item = self._find_item(field_of(event, "item_id", str), eid)
+            self.items.remove(item)
+            self.send({"type": "conversation.item.deleted", "item_id": item["id"]})
+        elif t == "conversation.item.truncate":
+            self._truncate(event)
+        elif t == "response.create":
+            resp = event.get("response") or {}
+            if not isinstance(resp, dict):
+                raise ProtocolError("response.create: 'response' must be an object", param="response", event_id=eid)
+            if self.response is not None:
+                raise ProtocolError("a response is already in progress; cancel it first",
+                                    code="conversation_already_has_active_response", event_id=eid)
+            marks = TurnMarks(speech_end=time.perf_counter(), turn_detected=time.perf_counter())
+            self._spawn(self._respond(marks, None, resp))
+        elif t == "response.cancel":
+            if self.response is None:
+                raise ProtocolError("no response is in progress", code="response_cancel_not_active", event_id=eid)
+            await self.cancel_response("client_cancelled")
+        elif t == "output_audio_buffer.clear":
+            if self.response is not None:
+                await self.cancel_response("client_cancelled")
+            self.send({"type": "output_audio_buffer.cleared", "response_id": None})
+
+    def _to_16k(self, data: bytes) -> np.ndarray:
+        fmt = self.config.input_format
+        if fmt == "audio/pcm":
+            x = pcm16_to_float(data)
+            rate = self.config.input_rate
+        else:
+            x = g711_to_float(data, "pcmu" if fmt == "audio/pcmu" else "pcma")
+            rate = 8000
+        key = (fmt, rate)
+        if self._resampler_key != key:
+            self._resampler = StreamResampler(rate, ASR_RATE)
+            self._resampler_key = key
+        assert self._resampler is not None
+        return self._resampler(x)
+
+    async def _append_audio(self, data: bytes, eid: str | None = None) -> None:
+        if not data:
+            return
+        try:
+            x = self._to_16k(data)
+        except StemmeError as e:
+            raise ProtocolError(str(e), code="invalid_audio_format", param="audio", event_id=eid) from None
+        now = time.perf_counter()
+        self._samples_in += len(x)
+        self._arrivals.append((self._samples_in, now))
+        td = self.config.turn_detection
+        if td is None:
+            if self._buffer_samples + len(x) > MAX_BUFFER_SECONDS * ASR_RATE:
+                raise ProtocolError(f"input audio buffer is full ({MAX_BUFFER_SECONDS:.0f} s); commit or clear it",
+                                    code="input_audio_buffer_full", event_id=eid)
+            self._buffer.append(x)
+            self._buffer_samples += len(x)
+            return
+        if self._vad is None:
+            self._vad = VadStream(self.engines.vad, VadOptions(
+                threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                silence_duration_ms=td.silence_duration_ms))
+            self._vad_offset = self._samples_in - len(x)
+        vad = self._vad
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self.stages.vad, vad.feed, x)
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                self._speech_item = new_id("item")
+                self.send({"type": "input_audio_buffer.speech_started",
+                           "audio_start_ms": ev.audio_start_ms + self._offset_ms(), "item_id": self._speech_item})
+                if td.interrupt_response and self.response is not None:
+                    await self.cancel_response("turn_detected")
+            elif isinstance(ev, SpeechPaused):
+                if self._speculative is not None:
+                    self._speculative[1].cancel()
+                opts = self._asr_options()
+                task = self._spawn(transcribe(self.engines, self.stages, ev.audio, opts))
+                self._speculative = (len(ev.audio), task)
+            elif isinstance(ev, SpeechStopped):
+                item_id = self._speech_item or new_id("item")
+                self._speech_item = None
+                end_ms = ev.audio_end_ms + self._offset_ms()
+                self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms, "item_id": item_id})
+                marks = TurnMarks(speech_end=self._arrival_of(end_ms), turn_detected=time.perf_counter())
+                self._commit_audio(ev.audio, item_id, marks, create_response=td.create_response)
+
+    def _offset_ms(self) -> int:
+        return int(getattr(self, "_vad_offset", 0) * 1000 / ASR_RATE)
+
+    def _arrival_of(self, ms: int) -> float:
+        """Wall time (perf_counter) at which the input sample at ``ms`` arrived."""
+        target = ms * ASR_RATE // 1000
+        for end, t in self._arrivals:
+            if end >= target:
+                return t
+        return time.perf_counter()
+
+    async def _commit(self, eid: str | None) -> None:
+        if self._buffer_samples < ASR_RATE // 10:
+            raise ProtocolError(f"input audio buffer too small to commit: {self._buffer_samples * 1000 // ASR_RATE} "
+                                "ms, at least 100 ms needed", code="input_audio_buffer_commit_empty", event_id=eid)
+        audio = np.concatenate(self._buffer)
+        self._buffer.clear()
+        self._buffer_samples = 0
+        now = time.perf_counter()
+        td = self.config.turn_detection
+        self._commit_audio(audio, new_id("item"), TurnMarks(speech_end=now, turn_detected=now),
+                           create_response=bool(td and td.create_response))
+
+    def _commit_audio(self, audio: np.ndarray, item_id: str, marks: TurnMarks, *, create_response: bool) -> None:
+        prev = self.items[-1]["id"] if self.items else None
+        self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item_id})
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_audio", "transcript": None}]}
+        self._insert_item(item, prev)
+        self._spawn(self._turn(item, audio, marks, create_response))
+
+    def _insert_item(self, item: dict[str, Any], previous_item_id: str | None) -> None:
+        if previous_item_id and previous_item_id != "root":
+            idx = next((i for i, it in enumerate(self.items) if it["id"] == previous_item_id), None)
+            if idx is None:
+                raise ProtocolError(f"previous_item_id {previous_item_id!r} not found", param="previous_item_id",
+                                    code="item_not_found")
+            self.items.insert(idx + 1, item)
+        elif previous_item_id == "root":
+            self.items.insert(0, item)
+        else:
+            self.items.append(item)
+        i = self.items.index(item)
+        prev = self.items[i - 1]["id"] if i > 0 else None
+        self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
+        self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+
+    def _find_item(self, item_id: str, eid: str | None) -> dict[str, Any]:
+        for it in self.items:
+            if it["id"] == item_id:
+                return it
+        raise ProtocolError(f"no conversation item {item_id!r}", param="item_id", event_id=eid, code="item_not_found")
+
+    def _truncate(self, event: dict[str, Any]) -> None:
+        eid = event.get("event_id")
+        item = self._find_item(field_of(event, "item_id", str), eid)
+        field_of(event, "content_index", int)
+        end_ms = field_of(event, "audio_end_ms", int)
+        if item.get("role") != "assistant":
+            raise ProtocolError("only assistant audio items can be truncated", param="item_id", event_id=eid,
+                                code="invalid_value")
+        timeline = self.timelines.get(item["id"], [])
+        total = timeline[-1][1] if timeline else 0
+        if end_ms < 0 or end_ms > total:
+            raise ProtocolError(f"audio_end_ms {end_ms} is outside the item's audio (0..{total} ms)",
+                                param="audio_end_ms", event_id=eid, code="invalid_value")
+        kept = []
+        for start, end, text in timeline:
+            if end <= end_ms:
+                kept.append(text)
+            elif start < end_ms:
+                words = text.split()
+                n = int(len(words) * (end_ms - start) / max(1, end - start))
+                if n:
+                    kept.append(" ".join(words[:n]))
+        heard = " ".join(kept)
+        for c in item["content"]:
+            if "transcript" in c:
+                c["transcript"] = heard
+        self.timelines[item["id"]] = [t for t in timeline if t[0] < end_ms]
+        self.send({"type": "conversation.item.truncated", "item_id": item["id"],
+                   "content_index": event["content_index"], "audio_end_ms": end_ms})
+
+    # ---- turns ----------------------------------------------------------------------------------------
+    def _spawn(self, coro) -> asyncio.Task:  # noqa: ANN001
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _asr_options(self) -> AsrOptions:
+        return AsrOptions(language=self.config.transcription_language, languages=self.allowed_languages)
+
+    async def _turn(self, item: dict[str, Any], audio: np.ndarray, marks: TurnMarks, create_response: bool) -> None:
+        spec, self._speculative = self._speculative, None
+        if spec is not None and spec[0] != len(audio):
+            spec[1].cancel()
+            spec = None
+        async with self._turn_lock:
+            try:
+                if spec is not None:
+                    marks.extra["speculative_asr"] = True
+                    t = await spec[1]
+                else:
+                    t = await transcribe(self.engines, self.stages, audio, self._asr_options())
+            except Exception as e:  # noqa: BLE001 - reported to the client, the session goes on
+                logger.exception("session=%s transcription failed", self.id)
+                self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item["id"],
+                           "content_index": 0, "error": {"type": "server_error", "message": str(e)}})
+                return
+            marks.transcript = time.perf_counter()
+            marks.language = t.language
+            item["content"][0]["transcript"] = t.text
+            item["stemme_language"] = t.language
+            self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item["id"],
+                       "content_index": 0, "delta": t.text})
+            self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item["id"],
+                       "content_index": 0, "transcript": t.text,
+                       "usage": {"type": "duration", "seconds": round(t.audio_seconds, 3)},
+                       "stemme": {"language": t.language, "language_probability": round(t.language_probability, 3),
+                                  "asr_ms": round(t.seconds * 1000)}})
+            if LOG_CONTENT:
+                logger.info("session=%s transcript (%s): %s", self.id, t.language, t.text)
+            if not create_response or not t.text.strip():
+                return
+            if self.response is not None:
+                await self.cancel_response("turn_detected")
+            await self._respond(marks, t.language, {})
+
+    def _language(self, hint: str | None) -> str | None:
+        if self.config.transcription_language:
+            return self.config.transcription_language
+        if hint:
+            return hint
+        for it in reversed(self.items):
+            if it.get("stemme_language"):
+                return it["stemme_language"]
+        return None
+
+    def _messages(self, language: str | None, instructions: str | None) -> list[dict[str, str]]:
+        conv = Conversation(instructions=instructions or self.config.instructions or DEFAULT_INSTRUCTIONS)
+        for it in self.items:
+            text = item_text(it)
+            if it.get("role") == "system":
+                conv.instructions += " " + text
+            elif it.get("role") in ("user", "assistant"):
+                conv.add(it["role"], text)
+        return conv.messages(language)
+
+    async def _respond(self, marks: TurnMarks, language_hint: str | None, overrides: dict[str, Any]) -> None:
+        language = self._language(language_hint)
+        marks.language = language
+        modalities = overrides.get("output_modalities") or self.config.output_modalities
+        audio_out = "audio" in modalities
+        max_tokens = overrides.get("max_output_tokens") or self.config.max_output_tokens or \
+            self.engines.config.llm_max_tokens
+        if not isinstance(max_tokens, int):
+            max_tokens = self.engines.config.llm_max_tokens
+        run = ResponseRun(new_id("resp"), {"id": new_id("item"), "object": "realtime.item", "type": "message",
+                                           "role": "assistant", "status": "in_progress", "content": []})
+        run.task = asyncio.current_task()
+        self.response = run
+        item = run.item
+        part_type = "audio" if audio_out else "text"
+        resp_json = {"id": run.id, "object": "realtime.response", "status": "in_progress", "output": [],
+                     "output_modalities": ["audio"] if audio_out else ["text"], "conversation_id": self.id}
+        self.send({"type": "response.created", "response": resp_json})
+        self.send({"type": "response.output_item.added", "response_id": run.id, "output_index": 0, "item": item})
+        prev = self.items[-1]["id"] if self.items else None
+        self.items.append(item)
+        self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
+        ids = {"response_id": run.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
+        part = {"type": part_type, "transcript": ""} if audio_out else {"type": "text", "text": ""}
+        self.send({"type": "response.content_part.added", **ids, "part": dict(part)})
+        text_out: list[str] = []
+        status, error = "completed", None
+        try:
+            voice = None
+            if audio_out:
+                voice = self.engines.tts.registry.resolve(language, self.config.voice)
+            instructions = overrides.get("instructions") if isinstance(overrides.get("instructions"), str) else None
+            async for out in respond(self.engines, self.stages, self._messages(language, instructions),
+                                     voice=voice, speed=self.config.speed, max_tokens=max_tokens,
+                                     cancel=run.cancel, marks=marks):
+                if isinstance(out, SpokenClause):
+                    text = out.text if not text_out else " " + out.text
+                    self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": text})
+                    self._send_audio(out.pcm16, ids)
+                    start = run.audio_ms
+                    run.audio_ms += round(out.seconds * 1000)
+                    run.timeline.append((start, run.audio_ms, out.text))
+                    text_out.append(out.text)
+                elif isinstance(out, TextPiece):
+                    self.send({"type": "response.output_text.delta", **ids, "delta": out.text})
+                    text_out.append(out.text)
+            if run.cancel.is_set() and run.reason:
+                status = "cancelled"
+        except asyncio.CancelledError:
+            status = "cancelled"
+        except Exception as e:  # noqa: BLE001 - one turn's failure is reported; the session goes on
+            logger.exception("session=%s response failed", self.id)
+            status, error = "failed", {"type": "server_error", "code": getattr(e, "code", "server_error"),
+                                       "message": str(e)}
+        finally:
+            run.cancel.set()
+            if self.response is run:
+                self.response = None
+        spoken = (" ".join(text_out) if audio_out else "".join(text_out)).strip()
+        self.timelines[item["id"]] = run.timeline
+        if audio_out:
+            item["content"] = [{"type": "output_audio", "transcript": spoken}]
+        else:
+            item["content"] = [{"type": "output_text", "text": spoken}]
+        item["status"] = "completed" if status == "completed" else "incomplete"
+        if status != "cancelled" or text_out:
+            if audio_out:
+                self.send({"type": "response.output_audio.done", **ids})
+                self.send({"type": "response.output_audio_transcript.done", **ids, "transcript": spoken})
+                done_part = {"type": "audio", "transcript": spoken}
+            else:
+                self.send({"type": "response.output_text.done", **ids, "text": spoken})
+                done_part = {"type": "text", "text": spoken}
+            self.send({"type": "response.content_part.done", **ids, "part": done_part})
+        if not text_out:
+            # nothing was said: keep no empty assistant turn in the history
+            with contextlib.suppress(ValueError):
+                self.items.remove(item)
+        self.send({"type": "response.output_item.done", "response_id": run.id, "output_index": 0, "item": item})
+        if text_out:
+            self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+        report = marks.report()
+        report["audio_ms"] = run.audio_ms
+        self.turns += 1
+        self.latencies.append(report)
+        logger.info("session=%s response=%s status=%s latency %s", self.id, run.id, status, json.dumps(report))
+        if LOG_CONTENT:
+            logger.info("session=%s reply: %s", self.id, spoken)
+        resp_json.update({"status": status, "output": [item], "metadata": {
+            "stemme_latency": json.dumps(report, separators=(",", ":"))}})
+        if status == "cancelled":
+            resp_json["status_details"] = {"type": "cancelled", "reason": run.reason or "client_cancelled"}
+        if error:
+            resp_json["status_details"] = {"type": "failed", "error": error}
+        self.send({"type": "response.done", "response": resp_json, "stemme": {"latency": report}})
+
+    def _send_audio(self, pcm: bytes, ids: dict[str, Any]) -> None:
+        for i in range(0, len(pcm), AUDIO_CHUNK_BYTES):
+            chunk = pcm[i:i + AUDIO_CHUNK_BYTES]
+            if self.binary_audio:
+                if not self.closed:
+                    self._send(chunk)
+            else:
+                self.send({"type": "response.output_audio.delta", **ids,
+                           "delta": base64.b64encode(chunk).decode()})
+
+    async def cancel_response(self, reason: str) -> None:
+        """Barge-in / response.cancel: stop LLM and TTS now, tell the client to drop buffered audio."""
+        run = self.response
+        if run is None:
+            return
+        run.reason = reason
+        run.cancel.set()
+        self.send({"type": "output_audio_buffer.cleared", "response_id": run.id})
+        if run.task is not None and run.task is not asyncio.current_task():
+            # interrupts the await on the LLM or TTS worker at once; the response loop then sends
+            # response.done(cancelled). The worker's current step is dropped (LLM stops at its next token).
+            run.task.cancel()
+
+    async def close(self) -> None:
+        """The client is gone: cancel every piece of work of this session."""
+        self.closed = True
+        if self.response is not None:
+            self.response.reason = "disconnected"
+            self.response.cancel.set()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def active_tasks(self) -> int:
+        return len(self._tasks)

@@ -1,0 +1,281 @@
+"""The turn pipeline: LLM tokens -> clauses -> TTS -> audio, every stage streaming into the next, plus the
+per-turn latency marks. Blocking engine calls run on per-stage worker threads, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stemme.engines import Engines
+from stemme.voice.asr import AsrOptions, Transcript
+from stemme.voice.audio import OUTPUT_RATE, Audio, StreamResampler, float_to_pcm16
+from stemme.voice.llm import GenerationOptions
+from stemme.voice.tts import Voice, clean_for_speech
+
+logger = logging.getLogger(__name__)
+
+
+class TtsPriority:
+    """Cooperative CPU scheduling for small machines: while speech is being synthesized, language-model
+    generation pauses between tokens. The LLM writes several times faster than speech plays (about 30 tokens/s
+    against 3 words/s here), but when both run at once on 2 cores, Kokoro slows down 2.6x (measured), which
+    delays the first audio. With the gate the stages take turns at full speed."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def speaking(self):  # noqa: ANN201
+        with self._cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def wait(self, cancel: threading.Event, timeout: float = 10.0) -> None:
+        if not self.enabled:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._busy == 0 or cancel.is_set(), timeout)
+
+
+class Stages:
+    """One worker thread per stage, so stages do not queue behind each other (a long TTS clause never
+    delays the next session's VAD) and each engine's threads are budgeted on their own."""
+
+    def __init__(self, *, tts_priority: bool = True) -> None:
+        self.priority = TtsPriority(tts_priority)
+        self.vad = ThreadPoolExecutor(1, thread_name_prefix="stemme-vad")
+        self.asr = ThreadPoolExecutor(1, thread_name_prefix="stemme-asr")
+        self.llm = ThreadPoolExecutor(1, thread_name_prefix="stemme-llm")
+        self.tts = ThreadPoolExecutor(1, thread_name_prefix="stemme-tts")
+
+    def shutdown(self) -> None:
+        for ex in (self.vad, self.asr, self.llm, self.tts):
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+_SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]»]*\s")
+_SOFT_END = re.compile(r"[,;:–—]\s")
+
+
+class ClauseChunker:
+    """Cuts a token stream into clauses worth speaking: at sentence ends, at a comma once the clause is long
+    enough, or at a word boundary when a clause runs on without punctuation. The first clause is cut early
+    (after a few words), so that the first audio does not wait for a whole sentence."""
+
+    def __init__(self, first_min_chars: int = 12, min_chars: int = 40, first_max_words: int = 4,
+                 max_words: int = 25) -> None:
+        self.first_min_chars = first_min_chars
+        self.min_chars = min_chars
+        self.first_max_words = first_max_words
+        self.max_words = max_words
+        self._buf = ""
+        self._count = 0
+
+    def _cut(self) -> int | None:
+        first = self._count == 0
+        for m in _SENTENCE_END.finditer(self._buf):
+            if len(self._buf[: m.end()].strip()) >= 2:
+                return m.end()
+        limit = self.first_min_chars if first else self.min_chars
+        for m in _SOFT_END.finditer(self._buf):
+            if m.end() >= limit:
+                return m.end()
+        max_words = self.first_max_words if first else self.max_words
+        # words followed by whitespace are complete; cut after max_words of them
+        ends = [m.end() for m in re.finditer(r"\S+\s+", self._buf)]
+        if len(ends) > max_words:
+            return ends[max_words - 1]
+        return None
+
+    def push(self, piece: str) -> list[str]:
+        self._buf += piece
+        out = []
+        while (cut := self._cut()) is not None:
+            clause, self._buf = self._buf[:cut].strip(), self._buf[cut:]
+            if clause:
+                out.append(clause)
+                self._count += 1
+        return out
+
+    def flush(self) -> list[str]:
+        clause, self._buf = self._buf.strip(), ""
+        return [clause] if clause else []
+
+
+@dataclass
+class TurnMarks:
+    """perf_counter() times of one turn; ``report()`` gives milliseconds."""
+
+    speech_end: float | None = None
+    """When the last voiced input sample arrived (or the commit / text item for manual turns)."""
+    turn_detected: float | None = None
+    """When the end of the turn was decided (silence_duration_ms after speech_end, or commit)."""
+    transcript: float | None = None
+    first_token: float | None = None
+    first_audio: float | None = None
+    """When the first clause's audio was synthesized and sent."""
+    language: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        def ms(a: float | None, b: float | None) -> int | None:
+            return None if a is None or b is None else round((b - a) * 1000)
+
+        out = {
+            "end_of_turn_ms": ms(self.speech_end, self.turn_detected),
+            "asr_ms": ms(self.turn_detected, self.transcript),
+            "llm_first_token_ms": ms(self.transcript or self.turn_detected, self.first_token),
+            "tts_first_audio_ms": ms(self.first_token, self.first_audio),
+            "voice_to_voice_ms": ms(self.speech_end, self.first_audio),
+            "language": self.language,
+        }
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class TextPiece:
+    text: str
+
+
+@dataclass
+class SpokenClause:
+    text: str
+    pcm16: bytes
+    """24 kHz mono PCM16."""
+    seconds: float
+
+
+async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, options: AsrOptions) -> Transcript:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(stages.asr, engines.asr.transcribe, audio, options)
+
+
+async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, str]], options: GenerationOptions,
+                     cancel: threading.Event) -> AsyncIterator[str]:
+    """Bridge the LLM's blocking generator (on the LLM thread) to an async iterator."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    def put(x: str | BaseException | None) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, x)
+
+    def run() -> None:
+        try:
+            for piece in engines.llm.stream(messages, options, cancel):
+                put(piece)
+                stages.priority.wait(cancel)  # the generator is paused here while TTS runs
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop
+            put(e)
+        finally:
+            put(None)
+
+    fut = loop.run_in_executor(stages.llm, run)
+    finished = False
+    try:
+        while True:
+            x = await q.get()
+            if x is None:
+                finished = True
+                break
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        if not finished:
+            cancel.set()  # the consumer left early: the worker stops at its next token
+        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+
+
+def _synth_24k(engines: Engines, stages: Stages, text: str, voice: Voice, speed: float) -> bytes:
+    with stages.priority.speaking():
+        audio: Audio = engines.tts.synthesize(text, voice, speed)
+    rs = StreamResampler(audio.rate, OUTPUT_RATE)
+    return float_to_pcm16(rs(audio.samples, last=True))
+
+
+async def respond(
+    engines: Engines,
+    stages: Stages,
+    messages: list[dict[str, str]],
+    *,
+    voice: Voice | None,
+    speed: float = 1.0,
+    max_tokens: int = 80,
+    cancel: threading.Event,
+    marks: TurnMarks,
+    on_text: Callable[[str], None] | None = None,
+) -> AsyncIterator[TextPiece | SpokenClause]:
+    """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
+    writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token."""
+    loop = asyncio.get_running_loop()
+    opts = GenerationOptions(max_new_tokens=max_tokens)
+    pieces = llm_pieces(engines, stages, messages, opts, cancel)
+    if voice is None:
+        async for p in pieces:
+            if marks.first_token is None:
+                marks.first_token = time.perf_counter()
+            yield TextPiece(p)
+        return
+
+    clauses: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    async def produce() -> None:
+        chunker = ClauseChunker()
+        try:
+            async for p in pieces:
+                if marks.first_token is None:
+                    marks.first_token = time.perf_counter()
+                if on_text:
+                    on_text(p)
+                for c in chunker.push(p):
+                    clauses.put_nowait(c)
+            for c in chunker.flush():
+                clauses.put_nowait(c)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
+            clauses.put_nowait(e)
+        finally:
+            clauses.put_nowait(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            c = await clauses.get()
+            if c is None:
+                break
+            if isinstance(c, BaseException):
+                raise c
+            if cancel.is_set():
+                break
+            if not clean_for_speech(c):
+                continue
+            pcm = await loop.run_in_executor(stages.tts, _synth_24k, engines, stages, c, voice, speed)
+            if cancel.is_set():
+                break
+            if marks.first_audio is None:
+                marks.first_audio = time.perf_counter()
+            yield SpokenClause(c, pcm, len(pcm) / 2 / OUTPUT_RATE)
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer
+        await pieces.aclose()
