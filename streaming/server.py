@@ -12,12 +12,14 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from stemme.config import EngineConfig
@@ -28,6 +30,12 @@ from stemme.voice.llm import Conversation, GenerationOptions
 from stemme.voice.pipeline import Stages
 
 logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+"""The browser page and its assets, served by this server itself (no CDN: works air-gapped)."""
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".json": "application/json", ".png": "image/png",
+          ".svg": "image/svg+xml", ".ico": "image/x-icon"}
 
 WS_MAX_SIZE = 16 << 20
 """Frames up to this size reach the session, which answers oversized ones with an error event; beyond it
@@ -83,6 +91,7 @@ class StemmeServer:
         self.sessions: set[Session] = set()
         self._server: Any = None
         self.ready = False
+        self._assets = {p.name for p in WEB_DIR.iterdir() if p.is_file()} if WEB_DIR.is_dir() else set()
 
     # -- HTTP ---------------------------------------------------------------------------------------------
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -91,9 +100,44 @@ class StemmeServer:
             return None
         if path == "/healthz":
             return connection.respond(200, "ok\n")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return connection.respond(404, "no WebSocket endpoint here; use /v1/realtime\n")
+        if path in ("/", "/index.html"):
+            return self._file(WEB_DIR / "index.html")
+        if path.startswith("/static/"):
+            name = path[len("/static/"):]
+            if name in self._assets:
+                return self._file(WEB_DIR / name)
+        if path == "/v1/voices":
+            return self._json(self.voices())
         if path == "/readyz":
             return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "loading\n")
         return connection.respond(404, "not found\n")
+
+    def _file(self, path: Path) -> Response:
+        body = path.read_bytes()
+        return self._response(200, body, _TYPES.get(path.suffix, "application/octet-stream"))
+
+    def _json(self, obj: Any) -> Response:
+        return self._response(200, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+    @staticmethod
+    def _response(status: int, body: bytes, ctype: str) -> Response:
+        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff"),
+                           ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:")])
+        return Response(status, "OK" if status == 200 else "Error", headers, body)
+
+    def voices(self) -> dict[str, Any]:
+        """Languages and voices this server can speak, for pickers."""
+        from stemme.voice import languages
+
+        reg = self.engines.tts.registry
+        langs = [lang for lang in self.engines.config.languages if reg.for_language(lang)]
+        voices = [{"name": v.name, "language": v.language, "engine": v.engine, "description": v.description}
+                  for lang in langs for v in reg.for_language(lang)]
+        return {"languages": [{"code": code, "name": languages.NATIVE.get(code, languages.name(code))}
+                              for code in langs], "voices": voices}
 
     def _authorised(self, ws: ServerConnection, query: dict[str, list[str]]) -> bool:
         key = self.config.api_key

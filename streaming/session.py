@@ -90,6 +90,9 @@ class Session:
         self._turn_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.response: ResponseRun | None = None
+        self._playback: tuple[str, str, float, float] | None = None
+        """(response_id, item_id, perf time of the first audio sent, seconds sent) of the last finished
+        response: the server sends audio faster than real time, so the client may still be playing it."""
         self.closed = False
         self.turns = 0
         self.latencies: list[dict[str, Any]] = []
@@ -227,6 +230,8 @@ class Session:
                            "audio_start_ms": ev.audio_start_ms + self._offset_ms(), "item_id": self._speech_item})
                 if td.interrupt_response and self.response is not None:
                     await self.cancel_response("turn_detected")
+                elif td.interrupt_response:
+                    self._interrupt_playback()
             elif isinstance(ev, SpeechPaused):
                 if self._speculative is not None:
                     self._speculative[1].cancel()
@@ -473,6 +478,8 @@ class Session:
             self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
         report = marks.report()
         report["audio_ms"] = run.audio_ms
+        if status == "completed" and run.audio_ms and marks.first_audio is not None:
+            self._playback = (run.id, item["id"], marks.first_audio, run.audio_ms / 1000)
         self.turns += 1
         self.latencies.append(report)
         logger.info("session=%s response=%s status=%s latency %s", self.id, run.id, status, json.dumps(report))
@@ -485,6 +492,24 @@ class Session:
         if error:
             resp_json["status_details"] = {"type": "failed", "error": error}
         self.send({"type": "response.done", "response": resp_json, "stemme": {"latency": report}})
+
+    def _interrupt_playback(self) -> None:
+        """Barge-in after the response was fully sent but while the client is still playing it: tell the
+        client to drop its buffer and keep in the history only what has been played so far."""
+        if self._playback is None:
+            return
+        resp_id, item_id, started, seconds = self._playback
+        played = time.perf_counter() - started
+        if played >= seconds:
+            self._playback = None
+            return
+        self._playback = None
+        self.send({"type": "output_audio_buffer.cleared", "response_id": resp_id})
+        try:
+            self._truncate({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                            "audio_end_ms": int(played * 1000)})
+        except ProtocolError:
+            pass  # the item was deleted meanwhile
 
     def _send_audio(self, pcm: bytes, ids: dict[str, Any]) -> None:
         for i in range(0, len(pcm), AUDIO_CHUNK_BYTES):

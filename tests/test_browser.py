@@ -1,0 +1,115 @@
+"""The browser page in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), with a fake
+microphone that plays a recorded WAV. Screenshots land in artifacts/ (a CI artefact)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stemme.voice.audio import Audio, read_wav, write_wav
+from tests.conftest import SPEECH, timeout
+from tests.test_server import ServerThread
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which("chromium"),
+                                reason="Debian chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    s = ServerThread(engines)
+    yield s
+    s.stop()
+
+
+def _mic_file(tmp: Path, name: str, speech: str, before: float, after: float) -> Path:
+    a = read_wav(SPEECH / speech, rate=48000)
+    x = np.concatenate([np.zeros(int(before * 48000), np.float32), a.samples,
+                        np.zeros(int(after * 48000), np.float32)])
+    path = tmp / name
+    write_wav(path, Audio(x, 48000))
+    return path
+
+
+def _browser(playwright, tmp: Path, mic: Path):
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}%noloop", "--autoplay-policy=no-user-gesture-required"]
+    profile = tmp / "profile"
+    profile.mkdir()
+    return playwright.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                         args=args, viewport={"width": 420, "height": 900},
+                                                         bypass_csp=True)
+
+
+def _wait(page, expr: str, seconds: float) -> None:
+    try:
+        page.wait_for_function(expr, timeout=timeout(seconds) * 1000)
+    except Exception as e:  # noqa: BLE001 - add what the page saw
+        stats = page.evaluate("JSON.stringify(window.stemmeStats)")
+        raise AssertionError(f"timed out waiting for {expr}; page stats: {stats[:3000]}") from e
+
+
+def test_page_talks_through_a_fake_microphone(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    mic = _mic_file(tmp_path, "mic.wav", "en/asterisk_tt-weasels.wav", 1.0, 12.0)
+    with sync_playwright() as p:
+        ctx = _browser(p, tmp_path, mic)
+        page = ctx.new_page()
+        page.goto(server.url.replace("ws://", "http://") + "/")
+        _wait(page, "window.stemmeStats && window.stemmeStats.state === 'ready'", 30)
+        assert page.locator("#language option").count() >= 9  # auto + eight languages
+        page.get_by_role("button", name="Start microphone").click()
+        _wait(page, "window.stemmeStats.transcript.length > 0", 60)
+        _wait(page, "window.stemmeStats.reply.length > 0", 60)
+        _wait(page, "window.stemmeStats.played > 24000 * 0.5", 60)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-conversation.png"), full_page=True)
+        _wait(page, "window.stemmeStats.latency !== null", 60)
+        stats = page.evaluate("window.stemmeStats")
+        assert "weasel" in stats["transcript"].lower()
+        assert stats["language"] == "en"
+        assert page.locator("#user-text").inner_text().lower().find("weasel") >= 0
+        assert page.locator("#reply-text").inner_text().strip()
+        assert stats["latency"]["voice_to_voice_ms"] > 0
+        assert "ms" in page.locator("td[data-key=voice_to_voice_ms]").inner_text()
+        assert stats["audioIn"] > 16000  # the page streamed microphone audio
+        ctx.close()
+
+
+def test_page_interrupts_the_answer(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    mic = _mic_file(tmp_path, "mic.wav", "en/asterisk_conf-onlyperson.wav", 9.0, 10.0)
+    with sync_playwright() as p:
+        ctx = _browser(p, tmp_path, mic)
+        page = ctx.new_page()
+        page.goto(server.url.replace("ws://", "http://") + "/")
+        _wait(page, "window.stemmeStats.state === 'ready'", 30)
+        page.get_by_role("button", name="Start microphone").click()
+        page.get_by_label("Type instead of speaking").fill("Tell me a long story about a dragon and a knight.")
+        page.keyboard.press("Enter")
+        _wait(page, "window.stemmeStats.played > 24000", 60)  # the answer is playing
+        _wait(page, "window.stemmeStats.cleared >= 1", 60)  # the user spoke over it
+        t = time.monotonic()
+        stats = page.evaluate("window.stemmeStats")
+        assert "output_audio_buffer.cleared" in stats["events"]
+        # playback stopped at once: buffered audio dropped, nothing more plays of the old answer
+        page.wait_for_timeout(300)
+        played_after = page.evaluate("window.stemmeStats.played")
+        page.wait_for_timeout(700)
+        assert page.evaluate("window.stemmeStats.played") == played_after or \
+            page.evaluate("window.stemmeStats.turns") >= 2
+        _wait(page, "window.stemmeStats.transcript.toLowerCase().includes('conference')", 60)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-interrupted.png"), full_page=True)
+        assert time.monotonic() - t < timeout(120)
+        ctx.close()
