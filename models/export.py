@@ -62,7 +62,7 @@ def _build(out: Path, what: str, source: str, fn: Callable[[Path], None], second
     t = threading.Thread(target=work, name=f"convert-{out.name}", daemon=True)
     t.start()
     with tqdm(total=seconds_hint, desc=f"{what} (one time, about {seconds_hint}s)", unit="s",
-              bar_format="{desc}: {elapsed}", file=sys.stderr) as bar:
+              bar_format="{desc}: {elapsed}", file=sys.stderr, disable=None) as bar:
         while not done.wait(1.0):
             bar.update(1)
     t.join()

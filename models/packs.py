@@ -351,8 +351,8 @@ def prepare(pack: Pack | str, home: Path | None = None, *, progress: bool = True
         total = sum(p.stat().st_size for p in srcs)
         tmp = out.with_name(out.name + ".partial")
         h = hashlib.sha256()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{pack.name}/{f.name}", disable=not progress,
-                  leave=False) as bar, open(tmp, "wb") as dst:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{pack.name}/{f.name}",
+                  disable=None if progress else True, leave=False) as bar, open(tmp, "wb") as dst:
             for p in srcs:
                 with open(p, "rb") as src:
                     while block := src.read(_CHUNK):

@@ -186,18 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     c.set_defaults(func=cmd_chat)
 
-    try:
-        from stemme.streaming.server import add_serve_parser
+    from stemme.streaming.server import add_serve_parser
 
-        add_serve_parser(sub, _engine_args, _config)
-    except ImportError:
-        pass
-    try:
-        from stemme.clients.talk import add_talk_parser
+    add_serve_parser(sub, _engine_args, _config)
+    from stemme.clients.loadtest import add_loadtest_parser
+    from stemme.clients.talk import add_talk_parser
 
-        add_talk_parser(sub)
-    except ImportError:
-        pass
+    add_talk_parser(sub)
+    add_loadtest_parser(sub)
     return p
 
 

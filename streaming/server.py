@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from stemme.config import EngineConfig
 from stemme.engines import Engines
+from stemme.streaming.metrics import Metrics
 from stemme.streaming.protocol import new_id
 from stemme.streaming.session import Session
 from stemme.voice.llm import Conversation, GenerationOptions
@@ -51,6 +52,19 @@ class ServerConfig:
     ``openai-insecure-api-key.<key>`` subprotocol, for browsers)."""
     warmup: bool = True
     """Run each engine once before accepting sessions, so the first user does not pay for it."""
+    max_sessions: int = 32
+    """Sessions beyond this get an error event ``server_busy`` and a close with 1013 (try again later)."""
+    idle_timeout_s: float = 300.0
+    """A session that sends nothing for this long, with no response in progress, is closed (1000)."""
+    max_session_s: float = 3600.0
+    """Longest session; then it is closed (1000) after an error event ``session_expired``."""
+    max_turn_s: float = 30.0
+    """Longest user utterance; the VAD ends the turn there."""
+    max_outbound_bytes: int = 8 << 20
+    """Bytes queued for a client that does not read; beyond, it is disconnected (1008), so a slow reader
+    cannot grow the server's memory."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM, responses in progress get this long to finish before sessions are closed (1001)."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -89,8 +103,12 @@ class StemmeServer:
         self.config = config or ServerConfig()
         self.stages = Stages()
         self.sessions: set[Session] = set()
+        self._connections: dict[Session, ServerConnection] = {}
         self._server: Any = None
         self.ready = False
+        self.stopping = False
+        self.metrics = Metrics()
+        self._loading: asyncio.Task | None = None
         self._assets = {p.name for p in WEB_DIR.iterdir() if p.is_file()} if WEB_DIR.is_dir() else set()
 
     # -- HTTP ---------------------------------------------------------------------------------------------
@@ -111,7 +129,9 @@ class StemmeServer:
         if path == "/v1/voices":
             return self._json(self.voices())
         if path == "/readyz":
-            return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "loading\n")
+            return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "not ready\n")
+        if path == "/metrics":
+            return self._response(200, self._metrics(), "text/plain; version=0.0.4; charset=utf-8")
         return connection.respond(404, "not found\n")
 
     def _file(self, path: Path) -> Response:
@@ -127,6 +147,16 @@ class StemmeServer:
                            ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff"),
                            ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:")])
         return Response(status, "OK" if status == 200 else "Error", headers, body)
+
+    def _metrics(self) -> bytes:
+        m = self.metrics
+        m.sessions_active.set(len(self.sessions))
+        m.ready.set(1 if self.ready else 0)
+        for name in ("vad", "asr", "llm", "tts"):
+            ex = getattr(self.stages, name)
+            m.queue_depth.labels(name).set(ex._work_queue.qsize())
+            m.model_loaded.labels(name).set(1 if name in self.engines.loaded else 0)
+        return m.render()
 
     def voices(self) -> dict[str, Any]:
         """Languages and voices this server can speak, for pickers."""
@@ -163,33 +193,89 @@ class StemmeServer:
         return offered[0] if offered else None
 
     # -- WebSocket ----------------------------------------------------------------------------------------
+    async def _refuse(self, ws: ServerConnection, code: str, message: str, close_code: int, reason: str) -> None:
+        self.metrics.sessions_rejected.labels(code).inc()
+        await ws.send(json.dumps({"type": "error", "event_id": new_id("event"), "error": {
+            "type": "invalid_request_error" if code == "invalid_api_key" else "server_error", "code": code,
+            "message": message}}))
+        await ws.close(close_code, reason)
+
     async def handler(self, ws: ServerConnection) -> None:
         query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
         if not self._authorised(ws, query):
-            await ws.send(json.dumps({"type": "error", "event_id": new_id("event"), "error": {
-                "type": "invalid_request_error", "code": "invalid_api_key",
-                "message": "missing or invalid API key: send 'Authorization: Bearer <key>'"}}))
-            await ws.close(1008, "invalid or missing API key")
+            await self._refuse(ws, "invalid_api_key", "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               1008, "invalid or missing API key")
             return
-        out: asyncio.Queue[dict | bytes | None] = asyncio.Queue()
-        session = Session(self.engines, self.stages, out.put_nowait,
-                          binary_audio=query.get("audio", [""])[0] == "binary",
-                          beta_names=query.get("event_names", [""])[0] == "beta")
+        if not self.ready or self.stopping:
+            await self._refuse(ws, "server_not_ready", "the server is starting or stopping; try again shortly",
+                               1013, "server not ready")
+            return
+        if len(self.sessions) >= self.config.max_sessions:
+            await self._refuse(ws, "server_busy", f"the server is busy ({self.config.max_sessions} sessions); "
+                               "try again later", 1013, "server busy")
+            return
+        out: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        queued = [0]
+        slow = asyncio.Event()
+
+        def send(item: dict | bytes) -> None:
+            data = item if isinstance(item, bytes) else json.dumps(item, ensure_ascii=False)
+            queued[0] += len(data)
+            if queued[0] > self.config.max_outbound_bytes:
+                slow.set()
+                return
+            out.put_nowait(data)
+
+        session = Session(self.engines, self.stages, send, binary_audio=query.get("audio", [""])[0] == "binary",
+                          beta_names=query.get("event_names", [""])[0] == "beta", metrics=self.metrics,
+                          max_turn_seconds=self.config.max_turn_s)
         self.sessions.add(session)
-        peer = ws.remote_address
-        logger.info("session=%s connected from %s (binary=%s)", session.id, peer, session.binary_audio)
+        self._connections[session] = ws
+        self.metrics.sessions_total.inc()
+        logger.info("session=%s connected from %s (binary=%s)", session.id, ws.remote_address, session.binary_audio)
 
         async def writer() -> None:
             while True:
                 item = await out.get()
                 if item is None:
                     return
-                await ws.send(item if isinstance(item, bytes) else json.dumps(item, ensure_ascii=False))
+                await ws.send(item)
+                queued[0] -= len(item)
+
+        async def watchdog() -> None:
+            await slow.wait()
+            logger.warning("session=%s client too slow: over %d bytes queued; closing", session.id,
+                           self.config.max_outbound_bytes)
+            await ws.close(1008, "client too slow to read")
 
         wtask = asyncio.create_task(writer())
+        dtask = asyncio.create_task(watchdog())
+        started = time.monotonic()
+        last_seen = started
+        close: tuple[int, str] | None = None
         try:
             await session.start()
-            async for message in ws:
+            while True:
+                now = time.monotonic()
+                left = self.config.max_session_s - (now - started)
+                wait = min(self.config.idle_timeout_s - (now - last_seen), left)
+                if left <= 0:
+                    session.error_event("session_expired", f"session reached its maximum of "
+                                        f"{self.config.max_session_s:.0f} s")
+                    close = (1000, "session expired")
+                    break
+                if wait <= 0:
+                    if session.response is not None:
+                        last_seen = now  # the server is still answering: not idle
+                        continue
+                    session.error_event("idle_timeout", f"no input for {self.config.idle_timeout_s:.0f} s")
+                    close = (1000, "idle timeout")
+                    break
+                try:
+                    message = await asyncio.wait_for(ws.recv(), timeout=wait)
+                except asyncio.TimeoutError:
+                    continue
+                last_seen = time.monotonic()
                 if isinstance(message, str):
                     await session.handle_text(message)
                 else:
@@ -199,43 +285,72 @@ class StemmeServer:
         finally:
             await session.close()
             self.sessions.discard(session)
+            self._connections.pop(session, None)
             out.put_nowait(None)
+            dtask.cancel()
             try:
                 await asyncio.wait_for(wtask, timeout=2)
             except (asyncio.TimeoutError, ConnectionClosed, Exception):  # noqa: BLE001 - the peer is gone
                 wtask.cancel()
+            if close is not None:
+                await ws.close(*close)
             logger.info("session=%s closed after %d turns", session.id, session.turns)
 
-    async def start(self) -> None:
+    async def _load(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.config.warmup:
-            await loop.run_in_executor(None, warm_up, self.engines)
-        else:
-            await loop.run_in_executor(None, self.engines.load_all)
+        try:
+            if self.config.warmup:
+                await loop.run_in_executor(None, warm_up, self.engines)
+            else:
+                await loop.run_in_executor(None, self.engines.load_all)
+        except Exception:
+            logger.exception("loading the models failed")
+            raise
+        self.ready = True
+        logger.info("ready: models loaded")
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        """Open the port at once (``/healthz``, ``/readyz``, ``/metrics`` answer while models load), then
+        load and warm up the models; sessions are accepted once ``ready``."""
         if not self.config.api_key and not _is_loopback(self.config.host):
             logger.warning("listening on %s without an API key: anyone who reaches this address can use the "
                            "assistant; set --api-key or STEMME_API_KEY", self.config.host)
         self._server = await serve(self.handler, self.config.host, self.config.port,
                                    process_request=self.process_request, max_size=WS_MAX_SIZE,
                                    select_subprotocol=self.select_subprotocol, ping_interval=20, ping_timeout=20)
-        self.ready = True
+        self._loading = asyncio.create_task(self._load())
+        if wait_ready:
+            await self._loading
 
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Graceful shutdown: stop accepting, let responses in progress finish within the grace period,
+        then cancel what is left and close every session with 1001."""
         self.ready = False
+        self.stopping = True
         if self._server is not None:
-            self._server.close()
+            self._server.close(close_connections=False)
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while any(s.response is not None for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session, ws in list(self._connections.items()):
+            await session.close()
+            await ws.close(1001, "server shutting down")
+        if self._server is not None:
             await self._server.wait_closed()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
         self.stages.shutdown()
 
 
 async def run_server(engines: Engines, config: ServerConfig) -> None:
     server = StemmeServer(engines, config)
-    await server.start()
-    print(f"Stemme listening on ws://{config.host}:{server.port}/v1/realtime", flush=True)
+    await server.start(wait_ready=False)
+    print(f"Stemme listening on ws://{config.host}:{server.port}/v1/realtime (page: http://{config.host}:"
+          f"{server.port}/); loading models…", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -252,14 +367,19 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
     s.add_argument("--port", type=int, default=int(os.environ.get("STEMME_PORT", "8000")))
     s.add_argument("--api-key", default=os.environ.get("STEMME_API_KEY") or None)
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--max-sessions", type=int, default=int(os.environ.get("STEMME_MAX_SESSIONS", "32")))
+    s.add_argument("--idle-timeout", type=float, default=float(os.environ.get("STEMME_IDLE_TIMEOUT", "300")))
+    s.add_argument("--max-session-seconds", type=float,
+                   default=float(os.environ.get("STEMME_MAX_SESSION_SECONDS", "3600")))
     engine_args(s)
 
     def cmd(args: argparse.Namespace) -> int:
         cfg: EngineConfig = make_config(args)
         if args.log_level.upper() == "WARNING":
             logging.getLogger().setLevel(logging.INFO)
-        asyncio.run(run_server(Engines(cfg), ServerConfig(args.host, args.port, args.api_key,
-                                                          warmup=not args.no_warmup)))
+        asyncio.run(run_server(Engines(cfg), ServerConfig(
+            args.host, args.port, args.api_key, warmup=not args.no_warmup, max_sessions=args.max_sessions,
+            idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds)))
         return 0
 
     s.set_defaults(func=cmd)

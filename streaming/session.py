@@ -67,9 +67,12 @@ class ResponseRun:
 class Session:
     def __init__(self, engines: Engines, stages: Stages, send: Send, *, binary_audio: bool = False,
                  beta_names: bool = False, session_id: str | None = None,
-                 allowed_languages: tuple[str, ...] | None = None) -> None:
+                 allowed_languages: tuple[str, ...] | None = None, metrics: Any = None,
+                 max_turn_seconds: float = 30.0) -> None:
         self.engines = engines
         self.stages = stages
+        self.metrics = metrics
+        self.max_turn_seconds = max_turn_seconds
         self._send = send
         self.binary_audio = binary_audio
         self.id = session_id or new_id("sess")
@@ -108,7 +111,12 @@ class Session:
 
     def error(self, err: ProtocolError) -> None:
         logger.info("session=%s client error %s: %s", self.id, err.code, err.message)
+        if self.metrics is not None:
+            self.metrics.errors.labels(err.code).inc()
         self.send(error_event(err))
+
+    def error_event(self, code: str, message: str) -> None:
+        self.error(ProtocolError(message, code=code, error_type="server_error"))
 
     async def start(self) -> None:
         self.send({"type": "session.created", "session": self.config.to_json()})
@@ -218,7 +226,7 @@ class Session:
         if self._vad is None:
             self._vad = VadStream(self.engines.vad, VadOptions(
                 threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                silence_duration_ms=td.silence_duration_ms))
+                silence_duration_ms=td.silence_duration_ms, max_speech_s=self.max_turn_seconds))
             self._vad_offset = self._samples_in - len(x)
         vad = self._vad
         loop = asyncio.get_running_loop()
@@ -482,6 +490,8 @@ class Session:
             self._playback = (run.id, item["id"], marks.first_audio, run.audio_ms / 1000)
         self.turns += 1
         self.latencies.append(report)
+        if self.metrics is not None:
+            self.metrics.observe_turn(status, report)
         logger.info("session=%s response=%s status=%s latency %s", self.id, run.id, status, json.dumps(report))
         if LOG_CONTENT:
             logger.info("session=%s reply: %s", self.id, spoken)
