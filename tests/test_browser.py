@@ -3,6 +3,7 @@ microphone that plays a recorded WAV. Screenshots land in artifacts/ (a CI artef
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -57,17 +58,28 @@ def _wait(page, expr: str, seconds: float) -> None:
         raise AssertionError(f"timed out waiting for {expr}; page stats: {stats[:3000]}") from e
 
 
-def test_page_talks_through_a_fake_microphone(server, tmp_path):
+@contextlib.contextmanager
+def _page_with_mic(server, tmp_path: Path, speech: str, before: float, after: float):
+    """A fresh Chromium whose microphone plays ``speech`` after ``before`` s of silence; the page is
+    connected and the microphone started."""
     from playwright.sync_api import sync_playwright
 
-    mic = _mic_file(tmp_path, "mic.wav", "en/asterisk_tt-weasels.wav", 1.0, 12.0)
+    mic = _mic_file(tmp_path, "mic.wav", speech, before, after)
     with sync_playwright() as p:
         ctx = _browser(p, tmp_path, mic)
-        page = ctx.new_page()
-        page.goto(server.url.replace("ws://", "http://") + "/")
-        _wait(page, "window.stemmeStats && window.stemmeStats.state === 'ready'", 30)
+        try:
+            page = ctx.new_page()
+            page.goto(server.url.replace("ws://", "http://") + "/")
+            _wait(page, "window.stemmeStats && window.stemmeStats.state === 'ready'", 30)
+            page.get_by_role("button", name="Start microphone").click()
+            yield page
+        finally:
+            ctx.close()
+
+
+def test_page_talks_through_a_fake_microphone(server, tmp_path):
+    with _page_with_mic(server, tmp_path, "en/asterisk_tt-weasels.wav", 1.0, 12.0) as page:
         assert page.locator("#language option").count() >= 9  # auto + eight languages
-        page.get_by_role("button", name="Start microphone").click()
         _wait(page, "window.stemmeStats.transcript.length > 0", 60)
         _wait(page, "window.stemmeStats.reply.length > 0", 60)
         _wait(page, "window.stemmeStats.played > 24000 * 0.5", 60)
@@ -82,19 +94,10 @@ def test_page_talks_through_a_fake_microphone(server, tmp_path):
         assert stats["latency"]["voice_to_voice_ms"] > 0
         assert "ms" in page.locator("td[data-key=voice_to_voice_ms]").inner_text()
         assert stats["audioIn"] > 16000  # the page streamed microphone audio
-        ctx.close()
 
 
 def test_page_interrupts_the_answer(server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    mic = _mic_file(tmp_path, "mic.wav", "en/asterisk_conf-onlyperson.wav", 9.0, 10.0)
-    with sync_playwright() as p:
-        ctx = _browser(p, tmp_path, mic)
-        page = ctx.new_page()
-        page.goto(server.url.replace("ws://", "http://") + "/")
-        _wait(page, "window.stemmeStats.state === 'ready'", 30)
-        page.get_by_role("button", name="Start microphone").click()
+    with _page_with_mic(server, tmp_path, "en/asterisk_conf-onlyperson.wav", 9.0, 10.0) as page:
         page.get_by_label("Type instead of speaking").fill("Tell me a long story about a dragon and a knight.")
         page.keyboard.press("Enter")
         _wait(page, "window.stemmeStats.played > 24000", 60)  # the answer is playing
@@ -112,4 +115,3 @@ def test_page_interrupts_the_answer(server, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser-interrupted.png"), full_page=True)
         assert time.monotonic() - t < timeout(120)
-        ctx.close()
