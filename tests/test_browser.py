@@ -115,3 +115,75 @@ def test_page_interrupts_the_answer(server, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser-interrupted.png"), full_page=True)
         assert time.monotonic() - t < timeout(120)
+
+
+def _plain_browser(p, tmp_path: Path, *, mic: bool):
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+    if mic:
+        args += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    profile = tmp_path / "profile-plain"
+    profile.mkdir()
+    return p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True, args=args,
+                                                bypass_csp=True)
+
+
+def test_page_explains_a_refused_key_and_connects_with_the_right_one(engines, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    s = ServerThread(engines, api_key="letmein")
+    try:
+        with sync_playwright() as p:
+            ctx = _plain_browser(p, tmp_path, mic=False)
+            page = ctx.new_page()
+            page.goto(s.url.replace("ws://", "http://") + "/")
+            _wait(page, "window.stemmeStats.state === 'error'", 30)
+            assert "API key" in page.locator("#message").inner_text()
+            assert page.locator("#key").is_visible()
+            page.get_by_label("API key").fill("letmein")
+            page.get_by_role("button", name="Connect").click()
+            _wait(page, "window.stemmeStats.state === 'ready'", 30)
+            ctx.close()
+    finally:
+        s.stop()
+
+
+def test_page_explains_a_denied_microphone_and_an_unreachable_server(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = _plain_browser(p, tmp_path, mic=False)  # no fake UI: the permission prompt is denied
+        page = ctx.new_page()
+        page.goto(server.url.replace("ws://", "http://") + "/")
+        _wait(page, "window.stemmeStats.state === 'ready'", 30)
+        page.get_by_role("button", name="Start microphone").click()
+        _wait(page, "document.getElementById('message').textContent.includes('icrophone')", 30)
+        assert page.get_by_role("button", name="Start microphone").is_visible()
+        ctx.close()
+
+
+def test_page_explains_an_unreachable_server(tmp_path):
+    """The page's files are served (by Playwright) from an address where no Stemme server listens."""
+    from playwright.sync_api import sync_playwright
+
+    from stemme.streaming.server import WEB_DIR
+
+    def fulfil(route) -> None:
+        path = route.request.url.split("127.0.0.1:9", 1)[1].split("?")[0]
+        if path == "/":
+            route.fulfill(path=str(WEB_DIR / "index.html"), content_type="text/html")
+        elif path.startswith("/static/"):
+            ctype = "text/css" if path.endswith(".css") else "text/javascript"
+            route.fulfill(path=str(WEB_DIR / path[len("/static/"):]), content_type=ctype)
+        else:
+            route.fulfill(status=404, body="")
+
+    with sync_playwright() as p:
+        ctx = _plain_browser(p, tmp_path, mic=False)
+        page = ctx.new_page()
+        page.route("http://127.0.0.1:9/**", fulfil)
+        page.goto("http://127.0.0.1:9/")
+        _wait(page, "window.stemmeStats.state === 'error'", 30)
+        assert "Cannot reach the Stemme server" in page.locator("#message").inner_text()
+        assert page.locator("#state").inner_text() == "Server unreachable"
+        ctx.close()
