@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 class CTranslate2Chat:
     name = "ctranslate2"
+    interleaves = False
+    """A Generator replica serves one request at a time: streams must not be stepped in turn in one thread."""
 
     def __init__(self, model_dir: str | Path, *, tokenizer_dir: str | Path | None = None, device: str = "auto",
                  threads: int = 0) -> None:

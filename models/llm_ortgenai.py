@@ -40,7 +40,7 @@ class OrtGenaiChat:
         self.device = device
         self.path = model_dir
         self.load_seconds = time.perf_counter() - t
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by interleaved streams of the LLM scheduler's thread
         logger.info("LLM ort-genai loaded from %s in %.2fs", model_dir, self.load_seconds)
 
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,

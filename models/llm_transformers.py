@@ -38,7 +38,7 @@ class TransformersChat:
         self.device = device
         self.path = Path(model_dir)
         self.load_seconds = time.perf_counter() - t
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by interleaved streams of the LLM scheduler's thread
         logger.info("LLM transformers loaded from %s on %s in %.2fs", model_dir, device, self.load_seconds)
 
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,

@@ -153,8 +153,7 @@ class StemmeServer:
         m.sessions_active.set(len(self.sessions))
         m.ready.set(1 if self.ready else 0)
         for name in ("vad", "asr", "llm", "tts"):
-            ex = getattr(self.stages, name)
-            m.queue_depth.labels(name).set(ex._work_queue.qsize())
+            m.queue_depth.labels(name).set(self.stages.depth(name))
             m.model_loaded.labels(name).set(1 if name in self.engines.loaded else 0)
         return m.render()
 

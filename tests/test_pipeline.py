@@ -92,3 +92,64 @@ async def test_session_without_a_socket(engines):
         await s.close()
         stages.shutdown()
     assert s.active_tasks == 0
+
+
+class FakeChat:
+    """Fake chat engine for the scheduler's logic: yields its name and a counter, logging each step."""
+
+    def __init__(self, log: list, interleaves: bool = True) -> None:
+        self.log = log
+        self.interleaves = interleaves
+
+    def stream(self, messages, options, cancel):
+        name = messages[0]["content"]
+        for i in range(3):
+            self.log.append(f"{name}{i}")
+            yield f"{name}{i}"
+
+
+def _collect(sched, engine, name, results, done):
+    cancel = threading.Event()
+
+    def put(x):
+        if x is None:
+            done.release()
+        else:
+            results.setdefault(name, []).append(x)
+
+    sched.submit(engine, [{"role": "user", "content": name}], None, cancel, put)
+
+
+def test_llm_scheduler_interleaves_streams_and_serves_new_prompts_first():
+    from stemme.voice.pipeline import LlmScheduler
+
+    log: list = []
+    prio = TtsPriority()
+    sched = LlmScheduler(prio)
+    done = threading.Semaphore(0)
+    results: dict = {}
+    with prio.speaking():  # hold the scheduler after its first step so that both streams are queued
+        _collect(sched, FakeChat(log), "a", results, done)
+        time.sleep(0.1)
+        _collect(sched, FakeChat(log), "b", results, done)
+    assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    assert results == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
+    assert log.index("b0") < log.index("a2"), log  # b's first token did not wait for a's whole answer
+    sched.shutdown()
+
+
+def test_llm_scheduler_runs_non_interleaving_backends_one_after_the_other():
+    from stemme.voice.pipeline import LlmScheduler
+
+    log: list = []
+    prio = TtsPriority()
+    sched = LlmScheduler(prio)
+    done = threading.Semaphore(0)
+    results: dict = {}
+    with prio.speaking():
+        _collect(sched, FakeChat(log, interleaves=False), "a", results, done)
+        time.sleep(0.1)
+        _collect(sched, FakeChat(log, interleaves=False), "b", results, done)
+    assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    assert log == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    sched.shutdown()

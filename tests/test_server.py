@@ -69,11 +69,11 @@ def _speech(path: str) -> np.ndarray:
 async def _wait_idle(server: ServerThread, engines, seconds: float = 10) -> None:
     deadline = time.monotonic() + timeout(seconds)
     while time.monotonic() < deadline:
-        if not server.server.sessions and not engines.llm._lock.locked():
+        if not server.server.sessions and server.server.stages.llm.depth == 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"work left behind: sessions={len(server.server.sessions)} "
-                         f"llm_busy={engines.llm._lock.locked()}")
+                         f"llm_streams={server.server.stages.llm.depth}")
 
 
 @pytest.mark.parametrize("path,lang", [

@@ -4,6 +4,7 @@ per-turn latency marks. Blocking engine calls run on per-stage worker threads, n
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -54,6 +55,89 @@ class TtsPriority:
             self._cond.wait_for(lambda: self._busy == 0 or cancel.is_set(), timeout)
 
 
+@dataclass
+class _Stream:
+    engine: Any
+    messages: list[dict[str, str]]
+    options: GenerationOptions
+    cancel: threading.Event
+    put: Callable[[str | BaseException | None], None]
+    gen: Any = None
+
+
+class LlmScheduler:
+    """One thread runs every session's generation, a token at a time from each stream in turn, so that a new
+    turn's first token does not wait for another session's whole answer; a new stream's first step (the
+    prompt) goes first. Backends that cannot interleave (``interleaves = False``: CTranslate2 serves one
+    request at a time) run their streams one after the other. Work is first come, first served between
+    sessions, and a session has at most one stream."""
+
+    def __init__(self, priority: TtsPriority) -> None:
+        self.priority = priority
+        self._cond = threading.Condition()
+        self._new: collections.deque[_Stream] = collections.deque()
+        self._active: collections.deque[_Stream] = collections.deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="stemme-llm", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Streams admitted and not finished."""
+        return len(self._new) + len(self._active)
+
+    def submit(self, engine: Any, messages: list[dict[str, str]], options: GenerationOptions,
+               cancel: threading.Event, put: Callable[[str | BaseException | None], None]) -> None:
+        with self._cond:
+            self._new.append(_Stream(engine, messages, options, cancel, put))
+            self._cond.notify()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def _finish(self, st: _Stream, exc: BaseException | None = None) -> None:
+        if st.gen is not None:
+            with contextlib.suppress(Exception):
+                st.gen.close()  # in this thread: the engine's lock is released where it was taken
+        if exc is not None:
+            st.put(exc)
+        st.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._new or self._active or self._stop)
+                if self._stop:
+                    for st in [*self._new, *self._active]:
+                        self._finish(st)
+                    return
+                if self._new and (not self._active or getattr(self._active[0].engine, "interleaves", True)):
+                    st = self._new.popleft()
+                    st.gen = st.engine.stream(st.messages, st.options, st.cancel)
+                else:
+                    st = self._active.popleft()
+            if st.cancel.is_set():
+                self._finish(st)
+                continue
+            try:
+                piece = next(st.gen)
+            except StopIteration:
+                self._finish(st)
+                continue
+            except BaseException as e:  # noqa: BLE001 - handed to the stream's consumer
+                self._finish(st, e)
+                continue
+            st.put(piece)
+            with self._cond:
+                if getattr(st.engine, "interleaves", True):
+                    self._active.append(st)
+                else:
+                    self._active.appendleft(st)
+            self.priority.wait(st.cancel)  # generation pauses here while speech is being synthesized
+
+
 class Stages:
     """One worker thread per stage, so stages do not queue behind each other (a long TTS clause never
     delays the next session's VAD) and each engine's threads are budgeted on their own."""
@@ -62,11 +146,18 @@ class Stages:
         self.priority = TtsPriority(tts_priority)
         self.vad = ThreadPoolExecutor(1, thread_name_prefix="stemme-vad")
         self.asr = ThreadPoolExecutor(1, thread_name_prefix="stemme-asr")
-        self.llm = ThreadPoolExecutor(1, thread_name_prefix="stemme-llm")
+        self.llm = LlmScheduler(self.priority)
         self.tts = ThreadPoolExecutor(1, thread_name_prefix="stemme-tts")
 
+    def depth(self, stage: str) -> int:
+        """Jobs waiting for (or, for the LLM, being served by) a stage."""
+        if stage == "llm":
+            return self.llm.depth
+        return getattr(self, stage)._work_queue.qsize()
+
     def shutdown(self) -> None:
-        for ex in (self.vad, self.asr, self.llm, self.tts):
+        self.llm.shutdown()
+        for ex in (self.vad, self.asr, self.tts):
             ex.shutdown(wait=False, cancel_futures=True)
 
 
@@ -170,24 +261,14 @@ async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, option
 
 async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, str]], options: GenerationOptions,
                      cancel: threading.Event) -> AsyncIterator[str]:
-    """Bridge the LLM's blocking generator (on the LLM thread) to an async iterator."""
+    """Bridge a generation on the LLM scheduler's thread to an async iterator."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
 
     def put(x: str | BaseException | None) -> None:
         loop.call_soon_threadsafe(q.put_nowait, x)
 
-    def run() -> None:
-        try:
-            for piece in engines.llm.stream(messages, options, cancel):
-                put(piece)
-                stages.priority.wait(cancel)  # the generator is paused here while TTS runs
-        except BaseException as e:  # noqa: BLE001 - handed to the event loop
-            put(e)
-        finally:
-            put(None)
-
-    fut = loop.run_in_executor(stages.llm, run)
+    stages.llm.submit(engines.llm, messages, options, cancel, put)
     finished = False
     try:
         while True:
@@ -200,8 +281,7 @@ async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, 
             yield x
     finally:
         if not finished:
-            cancel.set()  # the consumer left early: the worker stops at its next token
-        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+            cancel.set()  # the consumer left early: the scheduler drops the stream before its next token
 
 
 def _synth_24k(engines: Engines, stages: Stages, text: str, voice: Voice, speed: float) -> bytes:
