@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SPEECH, machine, manifest, pct  # noqa: E402
+from common import SPEECH, machine, manifest, peak_rss_mb, pct  # noqa: E402
 
 from stemme.clients.talk import RealtimeClient  # noqa: E402
 from stemme.config import EngineConfig  # noqa: E402
@@ -87,6 +87,8 @@ async def main() -> None:
         vals = [r[key] for r in ok if r.get(key) is not None]
         if vals:
             print(f"{name:16} {pct(vals, 0.5):8.0f} {pct(vals, 0.95):8.0f}")
+    if server:
+        print(f"peak RSS of the process (server with every model, and the client): {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":
