@@ -11,12 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SPEECH, machine, manifest, peak_rss_mb, summary  # noqa: E402
+from stemme.voice.asr import AsrOptions  # noqa: E402
+from stemme.voice.audio import read_wav  # noqa: E402
 
 from stemme.config import EngineConfig  # noqa: E402
 from stemme.engines import load_asr  # noqa: E402
 from stemme.scoring import word_errors  # noqa: E402
-from stemme.voice.asr import AsrOptions  # noqa: E402
-from stemme.voice.audio import read_wav  # noqa: E402
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SPEECH, machine, manifest, peak_rss_mb, pct  # noqa: E402
-
+from common import SPEECH, machine, manifest, pct, peak_rss_mb  # noqa: E402
 from stemme.clients.talk import RealtimeClient  # noqa: E402
-from stemme.config import EngineConfig  # noqa: E402
-from stemme.engines import Engines  # noqa: E402
 from stemme.streaming.server import ServerConfig, StemmeServer  # noqa: E402
 from stemme.voice.audio import read_wav  # noqa: E402
+
+from stemme.config import EngineConfig  # noqa: E402
+from stemme.engines import Engines  # noqa: E402
 
 STAGES = [("end_of_turn", "end_of_turn_ms"), ("asr", "asr_ms"), ("llm_first", "llm_first_token_ms"),
           ("tts_first", "tts_first_audio_ms"), ("voice_to_voice", "voice_to_voice_ms")]

@@ -14,17 +14,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_mb, pct  # noqa: E402
+from common import machine, pct, peak_rss_mb  # noqa: E402
 
 PROMPTS = [("en", "What is the capital of France?"), ("fr", "Pourquoi le ciel est-il bleu ?"),
            ("de", "Wie viele Tage hat eine Woche?"), ("es", "¿Qué puedo cocinar para la cena?")]
 
 
 def child(backend: str, runs: int, threads: int, tokens: int) -> None:
-    from stemme.config import EngineConfig
-    from stemme.engines import load_llm
     from stemme.models import export
     from stemme.voice.llm import Conversation, GenerationOptions
+
+    from stemme.config import EngineConfig
+    from stemme.engines import load_llm
 
     cfg = EngineConfig.from_env(llm_backend=backend, llm_threads=threads, device="cpu")
     export.llm_model_dir(backend, cfg.llm_pack, cfg.llm_model)  # one-time conversion, not timed

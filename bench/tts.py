@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, peak_rss_mb, pct  # noqa: E402
+from common import ROOT, machine, pct, peak_rss_mb  # noqa: E402
+from stemme.voice.asr import AsrOptions  # noqa: E402
+from stemme.voice.audio import resample  # noqa: E402
+from stemme.voice.languages import SUPPORTED  # noqa: E402
 
 from stemme.config import EngineConfig  # noqa: E402
 from stemme.engines import load_asr, load_tts  # noqa: E402
 from stemme.scoring import char_errors  # noqa: E402
-from stemme.voice.asr import AsrOptions  # noqa: E402
-from stemme.voice.audio import resample  # noqa: E402
-from stemme.voice.languages import SUPPORTED  # noqa: E402
 
 
 def main() -> None:

@@ -134,8 +134,8 @@ def table(s: dict[str, Any]) -> str:
              f"{'stage':16}" + "".join(f"{'p' + str(int(q * 100)):>8}" for q in QUANTILES) + f"{'n':>6}"]
     for name, _ in STAGES:
         st = s["stages"][name]
-        lines.append(f"{name:16}" + "".join(f"{(st[f'p{int(q * 100)}'] if st[f'p{int(q * 100)}'] is not None else '-'):>8}"
-                                            for q in QUANTILES) + f"{st['n']:>6}")
+        cells = [st[f"p{int(q * 100)}"] for q in QUANTILES]
+        lines.append(f"{name:16}" + "".join(f"{c if c is not None else '-':>8}" for c in cells) + f"{st['n']:>6}")
     return "\n".join(lines)
 
 

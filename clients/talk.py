@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, Audio, float_to_pcm16, read_wav, write_wav
+from websockets.asyncio.client import ClientConnection, connect
 
 CHUNK_MS = 20
 

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stemme.errors import ModelLoadError, PackError
 from stemme.models import packs
+
+from stemme.errors import ModelLoadError, PackError
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from stemme.errors import ModelLoadError
 from stemme.models import packs
 from stemme.voice.asr import AsrOptions, Transcript
+
+from stemme.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

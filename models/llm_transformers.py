@@ -8,9 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stemme.errors import ModelLoadError
 from stemme.models.llm_common import ChatTokenizer
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
+
+from stemme.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -362,8 +362,9 @@ def prepare(pack: Pack | str, home: Path | None = None, *, progress: bool = True
         digest = h.hexdigest()
         if f.sha256 and digest != f.sha256:
             tmp.unlink(missing_ok=True)
+            sources = ", ".join(s.requirement for s in f.sources)
             raise PackError(
-                f"model file {f.name} of pack {pack.name!r}, assembled from {', '.join(s.requirement for s in f.sources)}, "
+                f"model file {f.name} of pack {pack.name!r}, assembled from {sources}, "
                 f"has sha256 {digest[:12]}… instead of {f.sha256[:12]}… (corrupted package files); "
                 f"fix: {_fix(pack, f.sources)}"
             )

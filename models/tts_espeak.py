@@ -8,10 +8,10 @@ import ctypes
 import threading
 
 import numpy as np
-
-from stemme.errors import ModelLoadError
 from stemme.voice.audio import Audio
 from stemme.voice.tts import Voice
+
+from stemme.errors import ModelLoadError
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1

@@ -8,9 +8,10 @@ import shutil
 import subprocess
 import tempfile
 
-from stemme.errors import ModelLoadError
 from stemme.voice.audio import Audio, read_wav
 from stemme.voice.tts import Voice
+
+from stemme.errors import ModelLoadError
 
 
 class PicoEngine:

@@ -6,11 +6,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
-from stemme.errors import ModelLoadError
 from stemme.models import packs
 from stemme.voice.audio import Audio
 from stemme.voice.tts import Voice
+
+from stemme.errors import ModelLoadError
 
 
 class PiperEngine:

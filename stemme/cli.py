@@ -41,11 +41,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         st = packs.state(p)
         status = "ready" if st.prepared else ("not prepared" if st.installed else "not installed")
         rows.append((p.name, p.kind, status, f"{p.size / 1e6:.0f} MB" if p.size else "?", p.licence, p.title))
-        if args.json:
-            continue
     if args.json:
         for r in rows:
-            print(json.dumps(dict(zip(("name", "kind", "state", "size", "licence", "title"), r))))
+            print(json.dumps(dict(zip(("name", "kind", "state", "size", "licence", "title"), r, strict=True))))
         return 0
     print(f"cache: {packs.stemme_home()}")
     for name, kind, status, size, lic, title in rows:
@@ -117,7 +115,7 @@ def cmd_voices(args: argparse.Namespace) -> int:
     tts = load_tts(_config(args))
     reg = tts.registry
     for lang in sorted({v.language for v in reg.voices}):
-        for i, v in enumerate(reg.for_language(lang, only_available=False)):
+        for v in reg.for_language(lang, only_available=False):
             ok = reg.available(v)
             if args.json:
                 print(json.dumps({"language": lang, "name": v.name, "engine": v.engine, "available": ok,

@@ -17,18 +17,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
-
-from stemme.config import EngineConfig
-from stemme.engines import Engines
 from stemme.streaming.metrics import Metrics
 from stemme.streaming.protocol import new_id
 from stemme.streaming.session import Session
 from stemme.voice.llm import Conversation, GenerationOptions
 from stemme.voice.pipeline import Stages
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from stemme.config import EngineConfig
+from stemme.engines import Engines
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from stemme.engines import Engines
-from stemme.errors import StemmeError
 from stemme.streaming.protocol import (
     BETA_NAMES,
     MAX_BINARY_MESSAGE,
@@ -33,12 +30,14 @@ from stemme.streaming.protocol import (
     parse_text,
     validate_item,
 )
-from stemme.voice import languages
 from stemme.voice.asr import AsrOptions
-from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler, g711_to_float, pcm16_to_float
+from stemme.voice.audio import ASR_RATE, StreamResampler, g711_to_float, pcm16_to_float
 from stemme.voice.llm import DEFAULT_INSTRUCTIONS, Conversation
 from stemme.voice.pipeline import SpokenClause, Stages, TextPiece, TurnMarks, respond, transcribe
 from stemme.voice.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
+
+from stemme.engines import Engines
+from stemme.errors import StemmeError
 
 logger = logging.getLogger(__name__)
 

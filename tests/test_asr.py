@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-
-from stemme.scoring import word_errors
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import read_wav
 from stemme.voice.languages import SUPPORTED
+
+from stemme.scoring import word_errors
 from tests.conftest import SPEECH
 
 WER_MAX = {"en": 0.10, "es": 0.25, "fr": 0.22, "it": 0.20, "nl": 0.60}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from stemme.voice.audio import Audio, read_wav, write_wav
+
 from tests.conftest import SPEECH, timeout
 from tests.test_server import ServerThread
 
@@ -165,7 +165,6 @@ def test_page_explains_a_denied_microphone_and_an_unreachable_server(server, tmp
 def test_page_explains_an_unreachable_server(tmp_path):
     """The page's files are served (by Playwright) from an address where no Stemme server listens."""
     from playwright.sync_api import sync_playwright
-
     from stemme.streaming.server import WEB_DIR
 
     def fulfil(route) -> None:

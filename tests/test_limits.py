@@ -12,10 +12,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from stemme.streaming.server import ServerConfig, StemmeServer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from stemme.streaming.server import ServerConfig, StemmeServer
 from tests.conftest import timeout
 from tests.test_server import ServerThread
 

@@ -6,7 +6,6 @@ import threading
 
 import langid
 import pytest
-
 from stemme.voice.languages import SUPPORTED
 from stemme.voice.llm import Conversation, GenerationOptions
 

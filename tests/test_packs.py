@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from stemme.errors import PackError
 from stemme.models import packs
 from stemme.models.packs import Pack, PackFile, Source
+
+from stemme.errors import PackError
 
 
 def test_every_default_pack_is_installed_and_pinned():

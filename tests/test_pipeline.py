@@ -28,11 +28,11 @@ def test_first_clause_is_cut_early_later_ones_at_sentence_ends():
 
 
 def test_chunker_keeps_decimals_and_cuts_at_commas_when_long():
-    out = _chunk("It costs 3.5 euros. Yes, of course, and then, after a long while of waiting around, we left.",
-                 first_max_words=20)
+    text = "It costs 3.5 euros. Yes, of course, and then, after a long while of waiting around, we left."
+    out = _chunk(text, first_max_words=20)
     assert out[0] == "It costs 3.5 euros."
     assert all(c.strip() for c in out)
-    assert " ".join(out) == "It costs 3.5 euros. Yes, of course, and then, after a long while of waiting around, we left."
+    assert " ".join(out) == text
 
 
 def test_tts_priority_pauses_generation_while_speaking():

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from stemme.streaming.protocol import (
     MAX_TEXT_MESSAGE,
     ProtocolError,

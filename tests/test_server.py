@@ -12,15 +12,15 @@ import time
 import langid
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
-
 from stemme.clients.talk import RealtimeClient
-from stemme.scoring import wer
 from stemme.streaming.server import ServerConfig, StemmeServer
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import float_to_pcm16, read_wav, resample
 from stemme.voice.languages import SUPPORTED
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from stemme.scoring import wer
 from tests.conftest import SPEECH, timeout
 
 
@@ -313,9 +313,9 @@ async def test_oversized_binary_frame(server):
 async def test_dropped_connection_leaves_no_work_behind(server, engines):
     ws = await connect(server.url + "/v1/realtime")
     await ws.recv()
-    await ws.send(json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                                          "content": [{"type": "input_text",
-                                                                                       "text": "Tell me a long story about the sea."}]}}))
+    story = {"type": "input_text", "text": "Tell me a long story about the sea."}
+    await ws.send(json.dumps({"type": "conversation.item.create",
+                              "item": {"type": "message", "role": "user", "content": [story]}}))
     await ws.send(json.dumps({"type": "response.create"}))
     async with asyncio.timeout(timeout(60)):
         while True:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from stemme.errors import ConfigError, VoiceNotFoundError
-from stemme.scoring import char_errors
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import resample, trim_silence
 from stemme.voice.languages import SUPPORTED
 from stemme.voice.tts import Voice, VoiceRegistry, clean_for_speech, load_voice_file, split_clauses
+
+from stemme.errors import ConfigError, VoiceNotFoundError
+from stemme.scoring import char_errors
 
 CER_MAX = 0.15
 

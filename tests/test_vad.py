@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
 from stemme.voice.audio import read_wav
 from stemme.voice.vad import FRAME, SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
+
 from tests.conftest import SPEECH
 
 

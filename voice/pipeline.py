@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from stemme.engines import Engines
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import OUTPUT_RATE, Audio, StreamResampler, float_to_pcm16
 from stemme.voice.llm import GenerationOptions
 from stemme.voice.tts import Voice, clean_for_speech
+
+from stemme.engines import Engines
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from stemme.errors import ConfigError, VoiceNotFoundError
 from stemme.voice import languages
 from stemme.voice.audio import Audio, limit_peak, trim_silence
+
+from stemme.errors import ConfigError, VoiceNotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
 from stemme.voice.audio import ASR_RATE
 
 FRAME = 512
@@ -127,7 +126,7 @@ class VadStream:
         pad_frames = int(o.prefix_padding_ms / frame_ms)
         trail_frames = int(o.trailing_ms / frame_ms)
         max_frames = int(o.max_speech_s * 1000 / frame_ms)
-        for frame, p in zip(frames, probs):
+        for frame, p in zip(frames, probs, strict=True):
             idx = self._frames_seen
             self._frames_seen += 1
             self.last_probability = float(p)
