@@ -92,6 +92,7 @@ class Session:
         self._turn_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.response: ResponseRun | None = None
+        self._response_starting = False
         self._playback: tuple[str, str, float, float] | None = None
         """(response_id, item_id, perf time of the first audio sent, seconds sent) of the last finished
         response: the server sends audio faster than real time, so the client may still be playing it."""
@@ -175,10 +176,11 @@ class Session:
             resp = event.get("response") or {}
             if not isinstance(resp, dict):
                 raise ProtocolError("response.create: 'response' must be an object", param="response", event_id=eid)
-            if self.response is not None:
+            if self.response is not None or self._response_starting:
                 raise ProtocolError("a response is already in progress; cancel it first",
                                     code="conversation_already_has_active_response", event_id=eid)
             marks = TurnMarks(speech_end=time.perf_counter(), turn_detected=time.perf_counter())
+            self._response_starting = True  # until _respond registers itself, a second create is refused
             self._spawn(self._respond(marks, None, resp))
         elif t == "response.cancel":
             if self.response is None:
@@ -415,6 +417,7 @@ class Session:
                                            "role": "assistant", "status": "in_progress", "content": []})
         run.task = asyncio.current_task()
         self.response = run
+        self._response_starting = False
         item = run.item
         part_type = "audio" if audio_out else "text"
         resp_json = {"id": run.id, "object": "realtime.response", "status": "in_progress", "output": [],

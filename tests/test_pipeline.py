@@ -153,3 +153,23 @@ def test_llm_scheduler_runs_non_interleaving_backends_one_after_the_other():
     assert done.acquire(timeout=5) and done.acquire(timeout=5)
     assert log == ["a0", "a1", "a2", "b0", "b1", "b2"]
     sched.shutdown()
+
+
+async def test_a_second_response_create_is_refused_while_one_starts(engines):
+    sent: list = []
+    stages = Stages()
+    s = Session(engines, stages, sent.append)
+    try:
+        await s.handle_text(json.dumps({"type": "session.update", "session": {"output_modalities": ["text"]}}))
+        await s.handle_text(json.dumps({"type": "response.create"}))
+        await s.handle_text(json.dumps({"type": "response.create"}))  # before the first one registered
+        errors = [e for e in sent if e["type"] == "error"]
+        assert [e["error"]["code"] for e in errors] == ["conversation_already_has_active_response"]
+        async with asyncio.timeout(60):
+            while not any(e["type"] == "response.done" for e in sent):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert sum(e["type"] == "response.created" for e in sent) == 1
+    finally:
+        await s.close()
+        stages.shutdown()
