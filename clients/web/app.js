@@ -26,7 +26,10 @@
         const o = document.createElement('option'); o.value = v.name; o.textContent = `${v.name} [${v.language}]`;
         o.dataset.language = v.language; voice.append(o);
       }
-    } catch (e) { message('Could not load the list of voices from the server.'); }
+    } catch (e) {
+      // a connection problem, if any, is the message that matters
+      if (stats.state !== 'error') message('Could not load the list of voices from the server.');
+    }
   }
 
   function send(ev) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(ev)); }
