@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +374,3 @@ def prepare(pack: Pack | str, home: Path | None = None, *, progress: bool = True
         _write_marker(d, marker)
     return d
 
-
-def remove(pack: Pack | str, home: Path | None = None) -> None:
-    shutil.rmtree(pack_dir(pack, home), ignore_errors=True)

@@ -3,7 +3,6 @@ the edges convert once: PCM16 / G.711 in, PCM16 out. Resampling uses soxr (no ha
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +33,6 @@ class Audio:
 
     def to(self, rate: int) -> Audio:
         return Audio(resample(self.samples, self.rate, rate), rate)
-
-    def pcm16(self) -> bytes:
-        return float_to_pcm16(self.samples)
 
 
 def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -115,12 +111,6 @@ def read_wav(path: str | Path, rate: int | None = ASR_RATE) -> Audio:
 
 def write_wav(path: str | Path, audio: Audio) -> None:
     sf.write(str(path), np.clip(audio.samples, -1, 1), audio.rate, subtype="PCM_16")
-
-
-def wav_bytes(audio: Audio) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(audio.samples, -1, 1), audio.rate, subtype="PCM_16", format="WAV")
-    return buf.getvalue()
 
 
 def trim_silence(samples: np.ndarray, rate: int, *, threshold_db: float = -50.0, pad_ms: float = 60.0) -> np.ndarray:

@@ -301,7 +301,6 @@ async def respond(
     max_tokens: int = 80,
     cancel: threading.Event,
     marks: TurnMarks,
-    on_text: Callable[[str], None] | None = None,
 ) -> AsyncIterator[TextPiece | SpokenClause]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
     writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token."""
@@ -323,8 +322,6 @@ async def respond(
             async for p in pieces:
                 if marks.first_token is None:
                     marks.first_token = time.perf_counter()
-                if on_text:
-                    on_text(p)
                 for c in chunker.push(p):
                     clauses.put_nowait(c)
             for c in chunker.flush():

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from stemme.voice import languages
 from stemme.voice.audio import Audio, limit_peak, trim_silence
 
@@ -182,6 +181,3 @@ class Synthesizer:
             if clean_for_speech(clause):
                 yield self.synthesize(clause, voice, speed)
 
-
-def silence(seconds: float, rate: int) -> Audio:
-    return Audio(np.zeros(int(seconds * rate), dtype=np.float32), rate)

@@ -88,7 +88,6 @@ class VadStream:
         self._candidate = False
         self._start_frame = 0
         self._last_voiced = 0
-        self.last_probability = 0.0
 
     @property
     def speaking(self) -> bool:
@@ -129,7 +128,6 @@ class VadStream:
         for frame, p in zip(frames, probs, strict=True):
             idx = self._frames_seen
             self._frames_seen += 1
-            self.last_probability = float(p)
             if not (self._speaking or self._candidate):
                 if p >= o.threshold:
                     self._candidate = True
