@@ -86,6 +86,8 @@ class Session:
         self._vad: VadStream | None = None
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=2000)
         self._samples_in = 0
+        self._vad_offset = 0
+        """Input samples received before the current VAD stream began (its clock starts there)."""
         self._speech_item: str | None = None
         self._speculative: tuple[int, asyncio.Task] | None = None
         """(samples, ASR task) started when speech paused, reused if the turn ends without more speech."""
@@ -256,7 +258,7 @@ class Session:
                 self._commit_audio(ev.audio, item_id, marks, create_response=td.create_response)
 
     def _offset_ms(self) -> int:
-        return int(getattr(self, "_vad_offset", 0) * 1000 / ASR_RATE)
+        return int(self._vad_offset * 1000 / ASR_RATE)
 
     def _arrival_of(self, ms: int) -> float:
         """Wall time (perf_counter) at which the input sample at ``ms`` arrived."""
@@ -366,7 +368,6 @@ class Session:
                            "content_index": 0, "error": {"type": "server_error", "message": str(e)}})
                 return
             marks.transcript = time.perf_counter()
-            marks.language = t.language
             item["content"][0]["transcript"] = t.text
             item["stemme_language"] = t.language
             self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item["id"],

@@ -120,7 +120,8 @@ def _collect(sched, engine, name, results, done):
     sched.submit(engine, [{"role": "user", "content": name}], None, cancel, put)
 
 
-def test_llm_scheduler_interleaves_streams_and_serves_new_prompts_first():
+def _two_streams(interleaves: bool) -> tuple[list, dict]:
+    """Submit stream a, let it take one step, submit b, then let the scheduler run both to the end."""
     from stemme.voice.pipeline import LlmScheduler
 
     log: list = []
@@ -128,31 +129,27 @@ def test_llm_scheduler_interleaves_streams_and_serves_new_prompts_first():
     sched = LlmScheduler(prio)
     done = threading.Semaphore(0)
     results: dict = {}
-    with prio.speaking():  # hold the scheduler after its first step so that both streams are queued
-        _collect(sched, FakeChat(log), "a", results, done)
-        time.sleep(0.1)
-        _collect(sched, FakeChat(log), "b", results, done)
-    assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    try:
+        with prio.speaking():  # hold the scheduler after its first step so that both streams are queued
+            _collect(sched, FakeChat(log, interleaves), "a", results, done)
+            time.sleep(0.1)
+            _collect(sched, FakeChat(log, interleaves), "b", results, done)
+        assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    finally:
+        sched.shutdown()
+    return log, results
+
+
+def test_llm_scheduler_interleaves_streams_and_serves_new_prompts_first():
+    log, results = _two_streams(interleaves=True)
     assert results == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
     assert log.index("b0") < log.index("a2"), log  # b's first token did not wait for a's whole answer
-    sched.shutdown()
 
 
 def test_llm_scheduler_runs_non_interleaving_backends_one_after_the_other():
-    from stemme.voice.pipeline import LlmScheduler
-
-    log: list = []
-    prio = TtsPriority()
-    sched = LlmScheduler(prio)
-    done = threading.Semaphore(0)
-    results: dict = {}
-    with prio.speaking():
-        _collect(sched, FakeChat(log, interleaves=False), "a", results, done)
-        time.sleep(0.1)
-        _collect(sched, FakeChat(log, interleaves=False), "b", results, done)
-    assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    log, results = _two_streams(interleaves=False)
+    assert results == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
     assert log == ["a0", "a1", "a2", "b0", "b1", "b2"]
-    sched.shutdown()
 
 
 async def test_a_second_response_create_is_refused_while_one_starts(engines):
