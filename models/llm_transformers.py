@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -40,7 +41,17 @@ class TransformersChat:
         self.path = Path(model_dir)
         self.load_seconds = time.perf_counter() - t
         self._lock = threading.RLock()  # re-entered by interleaved streams of the LLM scheduler's thread
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._keep_arg = "logits_to_keep" in params
         logger.info("LLM transformers loaded from %s on %s in %.2fs", model_dir, device, self.load_seconds)
+
+    def forward(self, input_ids, cache=None, **kw):  # noqa: ANN001, ANN201
+        """One forward pass with the key/value cache, computing the logits of the last position only."""
+        if self._keep_arg:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache}, **kw)
+        return out.logits[:, -1], getattr(out, "cache", None) or out.past_key_values
 
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
@@ -54,9 +65,8 @@ class TransformersChat:
             for _ in range(o.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     return
-                out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[0, -1]
+                logits, past = self.forward(x, past)
+                logits = logits[0]
                 if o.temperature > 0:
                     probs = torch.softmax(logits.float() / o.temperature, dim=-1)
                     tok = int(torch.multinomial(probs, 1))
@@ -68,3 +78,159 @@ class TransformersChat:
                 if piece:
                     yield piece
                 x = torch.tensor([[tok]], device=self.device)
+
+    # ---- batched streams: many sessions' answers decoded in one forward pass per token ----
+
+    batches = True
+    """The LLM scheduler may decode this engine's streams together (see ``BatchDecoder``)."""
+
+    def batch_decoder(self, max_batch: int = 8) -> BatchDecoder:
+        return BatchDecoder(self, max_batch)
+
+
+class _Row:
+    """One stream in a batch: its own key/value cache between membership changes, and its decoding state."""
+
+    def __init__(self, ids: list[int], options: GenerationOptions, decode) -> None:  # noqa: ANN001
+        self.prompt = ids
+        self.options = options
+        self.decoder = IncrementalDecoder(decode)
+        self.kv: list[tuple] | None = None
+        """Per layer (keys, values) of shape [1, heads, length, dim], held while the row is out of a batch."""
+        self.length = 0
+        self.last = 0
+        self.generated = 0
+        self.done = False
+
+
+class BatchDecoder:
+    """Continuous batching for the transformers backend (the GPU backend): rows join and leave at any token.
+
+    A new row's prompt is prefilled on its own and its first token returned at once; from the next step it is
+    decoded with every other row in one forward pass. The rows' caches are left-padded to a common length
+    (with an attention mask and explicit positions, so padding changes nothing), joined when the membership
+    changes and reused as one batched cache while it stays the same. A step costs about one row's step on a GPU,
+    where decoding is memory-bound; on a CPU it costs more, but still less than one step per row.
+    """
+
+    def __init__(self, chat: TransformersChat, max_batch: int = 8) -> None:
+        self.chat = chat
+        self.max_batch = max_batch
+        self.rows: list[_Row] = []
+        self._new: list[_Row] = []
+        self._batch: list[_Row] = []
+        self._cache = None
+        self._mask = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> _Row:
+        row = _Row(self.chat.tokenizer.encode_chat(messages), options, self.chat.tokenizer.decode)
+        self.rows.append(row)
+        self._new.append(row)
+        return row
+
+    def remove(self, row: _Row) -> None:
+        if row in self.rows:
+            self.rows.remove(row)
+        if row in self._new:
+            self._new.remove(row)
+        row.kv = None
+        if row in self._batch:
+            self._unbatch()
+
+    def _pick(self, logits, rows: list[_Row]) -> list[int]:  # noqa: ANN001
+        torch = self.chat.torch
+        out = []
+        for i, row in enumerate(rows):
+            lg = logits[i]
+            if row.options.temperature > 0:
+                probs = torch.softmax(lg.float() / row.options.temperature, dim=-1)
+                out.append(int(torch.multinomial(probs, 1)))
+            else:
+                out.append(int(torch.argmax(lg)))
+        return out
+
+    def _emit(self, row: _Row, tok: int) -> tuple[str, bool]:
+        row.generated += 1
+        row.last = tok
+        if tok in self.chat.tokenizer.eos:
+            row.done = True
+            return "", True
+        piece = row.decoder.push(tok)
+        row.done = row.generated >= row.options.max_new_tokens
+        return piece, row.done
+
+    def _unbatch(self) -> None:
+        """Split the batched cache back into the rows' own caches (dropping each row's left padding)."""
+        if self._cache is None:
+            self._batch = []
+            return
+        width = self._mask.shape[1]
+        for i, row in enumerate(self._batch):
+            if row in self.rows:
+                pad = width - row.length
+                row.kv = [(k[i:i + 1, :, pad:, :], v[i:i + 1, :, pad:, :]) for k, v, *_ in self._cache]
+        self._batch, self._cache, self._mask = [], None, None
+
+    def _rebatch(self, rows: list[_Row]) -> None:
+        torch = self.chat.torch
+        from transformers import DynamicCache
+
+        width = max(r.length for r in rows)
+        layers = []
+        for layer in range(len(rows[0].kv)):
+            ks, vs = [], []
+            for r in rows:
+                k, v = r.kv[layer]
+                pad = width - r.length
+                if pad:
+                    k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                    v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+                ks.append(k)
+                vs.append(v)
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.chat.device)
+        for i, r in enumerate(rows):
+            mask[i, width - r.length:] = 1
+            r.kv = None
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = mask
+        self._batch = list(rows)
+
+    def step(self) -> list[tuple[_Row, str, bool]]:
+        """Prefill the rows that joined (each returns its first token), or else decode one token for every row.
+        Returns (row, text piece, finished) for each row served; finished rows leave the batch."""
+        torch = self.chat.torch
+        events: list[tuple[_Row, str, bool]] = []
+        with self.chat._lock, torch.inference_mode():
+            if self._new:
+                row = self._new.pop(0)
+                x = torch.tensor([row.prompt], device=self.chat.device)
+                logits, cache = self.chat.forward(x)
+                row.kv = [(k, v) for k, v, *_ in cache]
+                row.length = len(row.prompt)
+                tok = self._pick(logits, [row])[0]
+                piece, done = self._emit(row, tok)
+                events.append((row, piece, done))
+            else:
+                rows = [r for r in self.rows if not r.done][: self.max_batch]
+                if rows != self._batch:
+                    self._unbatch()
+                    self._rebatch(rows)
+                mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long,
+                                                         device=self.chat.device)], dim=1)
+                ids = torch.tensor([[r.last] for r in rows], device=self.chat.device)
+                pos = torch.tensor([[r.length] for r in rows], device=self.chat.device)
+                logits, self._cache = self.chat.forward(ids, self._cache, attention_mask=mask, position_ids=pos)
+                self._mask = mask
+                toks = self._pick(logits, rows)
+                for r, tok in zip(rows, toks, strict=True):
+                    r.length += 1
+                    piece, done = self._emit(r, tok)
+                    events.append((r, piece, done))
+        for r, _, done in events:
+            if done:
+                self.remove(r)
+        return events

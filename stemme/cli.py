@@ -24,10 +24,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-pack", default=None, help="embedded LLM pack (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)")
     g.add_argument("--llm-backend", choices=["auto", "ort-genai", "transformers", "ctranslate2"], default=None)
     g.add_argument("--voices", dest="voices_file", default=None, help="JSON file of extra voices")
+    g.add_argument("--batch-max", type=int, default=None,
+                   help="largest ASR micro-batch across sessions (default: 8 on CUDA, 1 = off on CPU)")
+    g.add_argument("--batch-window-ms", type=float, default=None,
+                   help="how long a request waits for others to batch with (default: 5 on CUDA, 0 on CPU)")
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
-    keys = ("device", "asr_model", "llm_model", "llm_pack", "llm_backend", "voices_file")
+    keys = ("device", "asr_model", "llm_model", "llm_pack", "llm_backend", "voices_file", "batch_max",
+            "batch_window_ms")
     return EngineConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

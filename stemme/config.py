@@ -43,6 +43,14 @@ class EngineConfig:
     """CPU threads of Kokoro."""
     tts_speed: float = 1.0
     """Speaking-rate multiplier applied to every voice."""
+    batch_max: int = 0
+    """Largest micro-batch of ASR requests from different sessions; 0: auto (8 on CUDA, 1 = off on CPU)."""
+    batch_window_ms: float = -1.0
+    """How long the oldest request waits for others to join its batch; -1: auto (5 ms on CUDA, 0 on CPU)."""
+    llm_max_batch: int = 8
+    """Streams decoded in one pass by a batching LLM backend (transformers, the CUDA default)."""
+    tts_workers: int = 0
+    """Clauses synthesized at the same time; 0: auto (4 on CUDA, 1 on CPU)."""
     voices_file: str | None = None
     """JSON list of operator voices (see voice/tts.py: Voice); they come before the defaults."""
     languages: tuple[str, ...] = languages.SUPPORTED

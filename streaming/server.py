@@ -21,7 +21,7 @@ from stemme.streaming.metrics import Metrics
 from stemme.streaming.protocol import new_id
 from stemme.streaming.session import Session
 from stemme.voice.llm import Conversation, GenerationOptions
-from stemme.voice.pipeline import Stages
+from stemme.voice.pipeline import Stages, stages_for
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -98,16 +98,18 @@ def warm_up(engines: Engines) -> None:
 
 
 class StemmeServer:
-    def __init__(self, engines: Engines, config: ServerConfig | None = None) -> None:
+    def __init__(self, engines: Engines, config: ServerConfig | None = None, *, stages: Stages | None = None) -> None:
         self.engines = engines
         self.config = config or ServerConfig()
-        self.stages = Stages()
+        self.stages = stages or stages_for(engines.config)
         self.sessions: set[Session] = set()
         self._connections: dict[Session, ServerConnection] = {}
         self._server: Any = None
         self.ready = False
         self.stopping = False
         self.metrics = Metrics()
+        self.stages.asr.on_batch = self.metrics.batch_size.labels("asr").observe
+        self.stages.llm.on_batch = self.metrics.batch_size.labels("llm").observe
         self._loading: asyncio.Task | None = None
         self._assets = {p.name for p in WEB_DIR.iterdir() if p.is_file()} if WEB_DIR.is_dir() else set()
 

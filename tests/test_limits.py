@@ -113,6 +113,7 @@ async def test_metrics_and_health_endpoints(engines):
             assert 'stemme_stage_seconds_bucket{le="0.5",stage="llm_first_token"}' in body
             assert 'stemme_model_loaded{engine="llm"} 1.0' in body
             assert 'stemme_queue_depth{stage="tts"}' in body
+            assert 'stemme_batch_size_count{stage="asr"}' in body and 'stemme_batch_size_count{stage="llm"}' in body
         assert await asyncio.to_thread(_http, http + "/healthz") == (200, "ok\n")
         assert await asyncio.to_thread(_http, http + "/readyz") == (200, "ready\n")
     finally:

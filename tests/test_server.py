@@ -27,9 +27,9 @@ from tests.conftest import SPEECH, timeout
 class ServerThread:
     """A real server on port 0, in its own thread and event loop."""
 
-    def __init__(self, engines, **kw) -> None:
+    def __init__(self, engines, stages=None, **kw) -> None:
         self.loop = asyncio.new_event_loop()
-        self.server = StemmeServer(engines, ServerConfig(port=0, warmup=False, **kw))
+        self.server = StemmeServer(engines, ServerConfig(port=0, warmup=False, **kw), stages=stages)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout(300))

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import OUTPUT_RATE, Audio, StreamResampler, float_to_pcm16
+from stemme.voice.batching import BatchingOptions, MicroBatcher
 from stemme.voice.llm import GenerationOptions
 from stemme.voice.tts import Voice, clean_for_speech
 
+from stemme.config import EngineConfig
 from stemme.engines import Engines
 
 logger = logging.getLogger(__name__)
@@ -65,26 +67,84 @@ class _Stream:
     gen: Any = None
 
 
+class _Group:
+    """The streams of a batching engine (``batches = True``), decoded together by its ``BatchDecoder``; it takes
+    one turn in the scheduler's round like a single stream."""
+
+    def __init__(self, engine: Any, max_batch: int) -> None:
+        self.engine = engine
+        self.decoder = engine.batch_decoder(max_batch)
+        self.streams: dict[int, _Stream] = {}
+
+    def add(self, st: _Stream) -> None:
+        row = self.decoder.add(st.messages, st.options)
+        st.gen = row
+        self.streams[id(row)] = st
+
+    def drop_cancelled(self) -> None:
+        for key, st in list(self.streams.items()):
+            if st.cancel.is_set():
+                self.decoder.remove(st.gen)
+                del self.streams[key]
+                st.put(None)
+
+    def step(self) -> int:
+        """One batched step; returns how many streams it served."""
+        try:
+            events = self.decoder.step()
+        except BaseException as e:  # noqa: BLE001 - handed to every stream's consumer
+            for st in self.streams.values():
+                self.decoder.remove(st.gen)
+                st.put(e)
+                st.put(None)
+            self.streams.clear()
+            return 0
+        for row, piece, done in events:
+            st = self.streams.get(id(row))
+            if st is None:
+                continue
+            if piece:
+                st.put(piece)
+            if done:
+                del self.streams[id(row)]
+                st.put(None)
+        return len(events)
+
+    def close(self) -> None:
+        for st in self.streams.values():
+            self.decoder.remove(st.gen)
+            st.put(None)
+        self.streams.clear()
+
+
 class LlmScheduler:
     """One thread runs every session's generation, a token at a time from each stream in turn, so that a new
     turn's first token does not wait for another session's whole answer; a new stream's first step (the
-    prompt) goes first. Backends that cannot interleave (``interleaves = False``: CTranslate2 serves one
+    prompt) goes first. Backends that decode many streams in one pass (``batches = True``: transformers, the
+    GPU backend) serve all their streams in one batched step per turn of the round (continuous batching, up to
+    ``max_batch`` streams). Backends that cannot interleave (``interleaves = False``: CTranslate2 serves one
     request at a time) run their streams one after the other. Work is first come, first served between
     sessions, and a session has at most one stream."""
 
-    def __init__(self, priority: TtsPriority) -> None:
+    def __init__(self, priority: TtsPriority, *, max_batch: int = 8) -> None:
         self.priority = priority
+        self.max_batch = max_batch
         self._cond = threading.Condition()
         self._new: collections.deque[_Stream] = collections.deque()
-        self._active: collections.deque[_Stream] = collections.deque()
+        self._active: collections.deque[_Stream | _Group] = collections.deque()
+        self._groups: dict[int, _Group] = {}
         self._stop = False
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        """How many batched steps served each number of streams."""
+        self.on_batch: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="stemme-llm", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
         """Streams admitted and not finished."""
-        return len(self._new) + len(self._active)
+        n = len(self._new) + sum(1 for a in self._active if isinstance(a, _Stream))
+        return n + sum(len(g.streams) for g in self._groups.values())
 
     def submit(self, engine: Any, messages: list[dict[str, str]], options: GenerationOptions,
                cancel: threading.Event, put: Callable[[str | BaseException | None], None]) -> None:
@@ -105,19 +165,50 @@ class LlmScheduler:
             st.put(exc)
         st.put(None)
 
+    def _admit(self, st: _Stream) -> _Stream | _Group:
+        """Start a new stream; a batching engine's stream joins its group, which is returned to run now."""
+        if getattr(st.engine, "batches", False):
+            group = self._groups.get(id(st.engine))
+            if group is None:
+                group = self._groups[id(st.engine)] = _Group(st.engine, self.max_batch)
+            with contextlib.suppress(ValueError):
+                self._active.remove(group)
+            group.add(st)
+            return group
+        st.gen = st.engine.stream(st.messages, st.options, st.cancel)
+        return st
+
+    def _run_group(self, group: _Group) -> None:
+        group.drop_cancelled()
+        if group.streams and (n := group.step()):
+            self.batch_sizes[n] += 1
+            if self.on_batch is not None:
+                self.on_batch(n)
+        with self._cond:
+            if group.streams:
+                self._active.append(group)
+        cancel = next((s.cancel for s in group.streams.values()), threading.Event())
+        self.priority.wait(cancel)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._new or self._active or self._stop)
                 if self._stop:
-                    for st in [*self._new, *self._active]:
+                    for st in self._new:
                         self._finish(st)
+                    for item in self._active:
+                        item.close() if isinstance(item, _Group) else self._finish(item)
                     return
-                if self._new and (not self._active or getattr(self._active[0].engine, "interleaves", True)):
-                    st = self._new.popleft()
-                    st.gen = st.engine.stream(st.messages, st.options, st.cancel)
+                head = self._active[0] if self._active else None
+                if self._new and (head is None or getattr(head.engine, "interleaves", True)):
+                    item = self._admit(self._new.popleft())
                 else:
-                    st = self._active.popleft()
+                    item = self._active.popleft()
+            if isinstance(item, _Group):
+                self._run_group(item)
+                continue
+            st = item
             if st.cancel.is_set():
                 self._finish(st)
                 continue
@@ -138,26 +229,87 @@ class LlmScheduler:
             self.priority.wait(st.cancel)  # generation pauses here while speech is being synthesized
 
 
-class Stages:
-    """One worker thread per stage, so stages do not queue behind each other (a long TTS clause never
-    delays the next session's VAD) and each engine's threads are budgeted on their own."""
+def _transcribe_batch(items: list[tuple[Any, np.ndarray, AsrOptions]]) -> list[Transcript | BaseException]:
+    engine = items[0][0]
+    if len(items) > 1 and hasattr(engine, "transcribe_batch"):
+        return engine.transcribe_batch([a for _, a, _ in items], [o for _, _, o in items])
+    out: list[Transcript | BaseException] = []
+    for _, audio, opts in items:
+        try:
+            out.append(engine.transcribe(audio, opts))
+        except Exception as e:  # noqa: BLE001 - fails this request only
+            out.append(e)
+    return out
 
-    def __init__(self, *, tts_priority: bool = True) -> None:
-        self.priority = TtsPriority(tts_priority)
+
+def _asr_key(item: tuple[Any, np.ndarray, AsrOptions]) -> Any:
+    engine, audio, _ = item
+    fits = getattr(engine, "fits_short", None)
+    return id(engine) if fits is not None and fits(audio) else None
+
+
+@dataclass
+class StageOptions:
+    """How the stages share the machine. ``for_device`` gives the defaults: on a GPU, requests of many
+    sessions are batched; on a small CPU, each runs alone and TTS takes priority over the LLM."""
+
+    asr_batching: BatchingOptions = field(default_factory=BatchingOptions)
+    llm_max_batch: int = 8
+    """Streams a batching LLM backend decodes in one pass."""
+    tts_workers: int = 1
+    """Clauses synthesized at once (on a GPU, concurrent ONNX Runtime runs of one shared session)."""
+    tts_priority: bool = True
+    """Pause LLM generation while TTS runs (a CPU with few cores); off on a GPU."""
+
+    @classmethod
+    def for_device(cls, device: str, *, max_batch: int = 0, window_ms: float = -1.0, tts_workers: int = 0,
+                   llm_max_batch: int = 0) -> StageOptions:
+        gpu = device == "cuda"
+        return cls(
+            asr_batching=BatchingOptions(max_batch=max_batch or (8 if gpu else 1),
+                                         window=(window_ms if window_ms >= 0 else (5.0 if gpu else 0.0)) / 1000),
+            llm_max_batch=llm_max_batch or 8,
+            tts_workers=tts_workers or (4 if gpu else 1),
+            tts_priority=not gpu,
+        )
+
+
+def stages_for(cfg: EngineConfig) -> Stages:
+    """The stages a server runs for this engine configuration (batching on a GPU, see StageOptions)."""
+    from stemme.engines import resolve_device
+
+    return Stages(StageOptions.for_device(resolve_device(cfg.device), max_batch=cfg.batch_max,
+                                          window_ms=cfg.batch_window_ms, tts_workers=cfg.tts_workers,
+                                          llm_max_batch=cfg.llm_max_batch))
+
+
+class Stages:
+    """One worker per stage, so stages do not queue behind each other (a long TTS clause never delays the next
+    session's VAD) and each engine's threads are budgeted on their own. ASR requests of different sessions are
+    micro-batched when ``asr_batching.max_batch`` > 1; the LLM scheduler batches streams of batching backends."""
+
+    def __init__(self, options: StageOptions | None = None, *, tts_priority: bool | None = None) -> None:
+        self.options = options or StageOptions()
+        if tts_priority is not None:
+            self.options.tts_priority = tts_priority
+        self.priority = TtsPriority(self.options.tts_priority)
         self.vad = ThreadPoolExecutor(1, thread_name_prefix="stemme-vad")
-        self.asr = ThreadPoolExecutor(1, thread_name_prefix="stemme-asr")
-        self.llm = LlmScheduler(self.priority)
-        self.tts = ThreadPoolExecutor(1, thread_name_prefix="stemme-tts")
+        self.asr = MicroBatcher(_transcribe_batch, options=self.options.asr_batching, key=_asr_key, name="asr")
+        self.llm = LlmScheduler(self.priority, max_batch=self.options.llm_max_batch)
+        self.tts = ThreadPoolExecutor(self.options.tts_workers, thread_name_prefix="stemme-tts")
 
     def depth(self, stage: str) -> int:
         """Jobs waiting for (or, for the LLM, being served by) a stage."""
         if stage == "llm":
             return self.llm.depth
+        if stage == "asr":
+            return self.asr.depth
         return getattr(self, stage)._work_queue.qsize()
 
     def shutdown(self) -> None:
         self.llm.shutdown()
-        for ex in (self.vad, self.asr, self.tts):
+        self.asr.shutdown()
+        for ex in (self.vad, self.tts):
             ex.shutdown(wait=False, cancel_futures=True)
 
 
@@ -255,8 +407,8 @@ class SpokenClause:
 
 
 async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, options: AsrOptions) -> Transcript:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(stages.asr, engines.asr.transcribe, audio, options)
+    """Transcribe on the ASR stage's worker (batched with other sessions' requests when batching is on)."""
+    return await stages.asr((engines.asr, audio, options))
 
 
 async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, str]], options: GenerationOptions,
