@@ -165,7 +165,8 @@ def llm_model_dir(backend: str, pack: str | None, path: str | Path | None) -> Pa
     if path:
         p = Path(path).expanduser()
         kind = model_kind(p)
-        if kind == backend or (kind == "hf" and backend == "transformers"):
+        if kind == backend or (kind == "hf" and backend == "transformers") or (
+                kind == "ort-genai" and backend == "onnxruntime"):
             return p
         if kind in ("ort-genai", "ctranslate2"):
             raise ModelLoadError(f"{p} is a {kind} model; it cannot run on the {backend} backend")
@@ -175,8 +176,8 @@ def llm_model_dir(backend: str, pack: str | None, path: str | Path | None) -> Pa
     hf = llm_hf_dir(pack, path)
     if backend == "transformers":
         return hf
-    if backend == "ort-genai":
+    if backend in ("ort-genai", "onnxruntime"):  # the same model files; onnxruntime runs its own loop
         return hf_to_ort_genai(hf, derived_dir(key, "ort-genai-int8"))
     if backend == "ctranslate2":
         return hf_to_ct2(hf, derived_dir(key, "ct2-int8"))
-    raise ModelLoadError(f"unknown LLM backend {backend!r} (ort-genai, transformers, ctranslate2)")
+    raise ModelLoadError(f"unknown LLM backend {backend!r} (onnxruntime, ort-genai, transformers, ctranslate2)")

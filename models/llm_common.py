@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 
 class ChatTokenizer:
@@ -34,3 +39,131 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class Row:
+    """One stream of a batch decoder: its own key/value cache while it is out of a batch, and its decoding
+    state."""
+
+    def __init__(self, ids: list[int], options: GenerationOptions, decode) -> None:  # noqa: ANN001
+        self.prompt = ids
+        self.options = options
+        self.decoder = IncrementalDecoder(decode)
+        self.kv: list[Any] | None = None
+        """Per layer (keys, values) of this row alone, held while the row is out of a batch."""
+        self.length = 0
+        """Tokens in this row's cache."""
+        self.last = 0
+        self.generated = 0
+        self.done = False
+
+
+class BatchDecoderBase:
+    """Continuous batching: rows (streams of different sessions) join and leave at any token.
+
+    A new row's prompt is prefilled on its own and its first token returned at once; from the next step it is
+    decoded with every other row in one forward pass. The rows' caches are padded to a common length (with an
+    attention mask, so padding changes nothing), joined when the membership changes and reused as one batched
+    cache while it stays the same. Subclasses give the engine's forward passes and cache layout."""
+
+    def __init__(self, tokenizer: ChatTokenizer, max_batch: int, lock: threading.RLock) -> None:
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.lock = lock
+        self.rows: list[Row] = []
+        self._new: list[Row] = []
+        self._batch: list[Row] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> Row:
+        row = Row(self.tokenizer.encode_chat(messages), options, self.tokenizer.decode)
+        self.rows.append(row)
+        self._new.append(row)
+        return row
+
+    def remove(self, row: Row) -> None:
+        if row in self.rows:
+            self.rows.remove(row)
+        if row in self._new:
+            self._new.remove(row)
+        row.kv = None
+        if row in self._batch:
+            self._unbatch()
+
+    def _emit(self, row: Row, tok: int) -> tuple[str, bool]:
+        row.generated += 1
+        row.last = tok
+        if tok in self.tokenizer.eos:
+            row.done = True
+            return "", True
+        piece = row.decoder.push(tok)
+        row.done = row.generated >= row.options.max_new_tokens
+        return piece, row.done
+
+    def step(self) -> list[tuple[Row, str, bool]]:
+        """Prefill the oldest row that joined (it returns its first token), or else decode one token for every
+        row (up to max_batch). Returns (row, text piece, finished) for each row served; finished rows leave."""
+        events: list[tuple[Row, str, bool]] = []
+        with self.lock:
+            if self._new:
+                row = self._new.pop(0)
+                tok = self._prefill(row)
+                events.append((row, *self._emit(row, tok)))
+            else:
+                rows = [r for r in self.rows if not r.done][: self.max_batch]
+                if rows != self._batch:
+                    self._unbatch()
+                    self._rebatch(rows)
+                for r, tok in zip(rows, self._decode(rows), strict=True):
+                    r.length += 1
+                    events.append((r, *self._emit(r, tok)))
+        for r, _, done in events:
+            if done:
+                self.remove(r)
+        return events
+
+    def stream(self, messages: list[dict[str, str]], options: GenerationOptions,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """A single stream through the batch decoder (for callers outside the LLM scheduler)."""
+        row = self.add(messages, options)
+        try:
+            while row in self.rows:
+                if cancel is not None and cancel.is_set():
+                    return
+                for r, piece, _ in self.step():
+                    if r is row and piece:
+                        yield piece
+        finally:
+            self.remove(row)
+
+    # -- engine specific ----------------------------------------------------------------------------------
+    def _prefill(self, row: Row) -> int:
+        """Run the row's prompt alone, keep its cache in ``row.kv``, set ``row.length``; return its first
+        token."""
+        raise NotImplementedError
+
+    def _decode(self, rows: list[Row]) -> list[int]:
+        """One token for each row of the current batch (``self._batch == rows``)."""
+        raise NotImplementedError
+
+    def _rebatch(self, rows: list[Row]) -> None:
+        """Join the rows' own caches into one batched cache."""
+        raise NotImplementedError
+
+    def _unbatch(self) -> None:
+        """Split the batched cache back into the rows' own caches; empties ``self._batch``."""
+        raise NotImplementedError
+
+
+def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001
+    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling."""
+    import numpy as np
+
+    if options.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / options.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stemme.models.llm_common import ChatTokenizer
+from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 from stemme.errors import ModelLoadError
@@ -88,59 +88,18 @@ class TransformersChat:
         return BatchDecoder(self, max_batch)
 
 
-class _Row:
-    """One stream in a batch: its own key/value cache between membership changes, and its decoding state."""
-
-    def __init__(self, ids: list[int], options: GenerationOptions, decode) -> None:  # noqa: ANN001
-        self.prompt = ids
-        self.options = options
-        self.decoder = IncrementalDecoder(decode)
-        self.kv: list[tuple] | None = None
-        """Per layer (keys, values) of shape [1, heads, length, dim], held while the row is out of a batch."""
-        self.length = 0
-        self.last = 0
-        self.generated = 0
-        self.done = False
-
-
-class BatchDecoder:
-    """Continuous batching for the transformers backend (the GPU backend): rows join and leave at any token.
-
-    A new row's prompt is prefilled on its own and its first token returned at once; from the next step it is
-    decoded with every other row in one forward pass. The rows' caches are left-padded to a common length
-    (with an attention mask and explicit positions, so padding changes nothing), joined when the membership
-    changes and reused as one batched cache while it stays the same. A step costs about one row's step on a GPU,
-    where decoding is memory-bound; on a CPU it costs more, but still less than one step per row.
-    """
+class BatchDecoder(BatchDecoderBase):
+    """Continuous batching on torch (see ``BatchDecoderBase``): caches are left-padded to a common length, with
+    an attention mask and explicit positions. A step costs about one row's step on a GPU, where decoding is
+    memory-bound."""
 
     def __init__(self, chat: TransformersChat, max_batch: int = 8) -> None:
+        super().__init__(chat.tokenizer, max_batch, chat._lock)
         self.chat = chat
-        self.max_batch = max_batch
-        self.rows: list[_Row] = []
-        self._new: list[_Row] = []
-        self._batch: list[_Row] = []
         self._cache = None
         self._mask = None
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> _Row:
-        row = _Row(self.chat.tokenizer.encode_chat(messages), options, self.chat.tokenizer.decode)
-        self.rows.append(row)
-        self._new.append(row)
-        return row
-
-    def remove(self, row: _Row) -> None:
-        if row in self.rows:
-            self.rows.remove(row)
-        if row in self._new:
-            self._new.remove(row)
-        row.kv = None
-        if row in self._batch:
-            self._unbatch()
-
-    def _pick(self, logits, rows: list[_Row]) -> list[int]:  # noqa: ANN001
+    def _pick(self, logits, rows: list[Row]) -> list[int]:  # noqa: ANN001
         torch = self.chat.torch
         out = []
         for i, row in enumerate(rows):
@@ -152,29 +111,24 @@ class BatchDecoder:
                 out.append(int(torch.argmax(lg)))
         return out
 
-    def _emit(self, row: _Row, tok: int) -> tuple[str, bool]:
-        row.generated += 1
-        row.last = tok
-        if tok in self.chat.tokenizer.eos:
-            row.done = True
-            return "", True
-        piece = row.decoder.push(tok)
-        row.done = row.generated >= row.options.max_new_tokens
-        return piece, row.done
+    def _prefill(self, row: Row) -> int:
+        torch = self.chat.torch
+        with torch.inference_mode():
+            logits, cache = self.chat.forward(torch.tensor([row.prompt], device=self.chat.device))
+        row.kv = [(k, v) for k, v, *_ in cache]
+        row.length = len(row.prompt)
+        return self._pick(logits, [row])[0]
 
     def _unbatch(self) -> None:
-        """Split the batched cache back into the rows' own caches (dropping each row's left padding)."""
-        if self._cache is None:
-            self._batch = []
-            return
-        width = self._mask.shape[1]
-        for i, row in enumerate(self._batch):
-            if row in self.rows:
-                pad = width - row.length
-                row.kv = [(k[i:i + 1, :, pad:, :], v[i:i + 1, :, pad:, :]) for k, v, *_ in self._cache]
+        if self._cache is not None:
+            width = self._mask.shape[1]
+            for i, row in enumerate(self._batch):
+                if row in self.rows:
+                    pad = width - row.length
+                    row.kv = [(k[i:i + 1, :, pad:, :], v[i:i + 1, :, pad:, :]) for k, v, *_ in self._cache]
         self._batch, self._cache, self._mask = [], None, None
 
-    def _rebatch(self, rows: list[_Row]) -> None:
+    def _rebatch(self, rows: list[Row]) -> None:
         torch = self.chat.torch
         from transformers import DynamicCache
 
@@ -199,38 +153,13 @@ class BatchDecoder:
         self._mask = mask
         self._batch = list(rows)
 
-    def step(self) -> list[tuple[_Row, str, bool]]:
-        """Prefill the rows that joined (each returns its first token), or else decode one token for every row.
-        Returns (row, text piece, finished) for each row served; finished rows leave the batch."""
+    def _decode(self, rows: list[Row]) -> list[int]:
         torch = self.chat.torch
-        events: list[tuple[_Row, str, bool]] = []
-        with self.chat._lock, torch.inference_mode():
-            if self._new:
-                row = self._new.pop(0)
-                x = torch.tensor([row.prompt], device=self.chat.device)
-                logits, cache = self.chat.forward(x)
-                row.kv = [(k, v) for k, v, *_ in cache]
-                row.length = len(row.prompt)
-                tok = self._pick(logits, [row])[0]
-                piece, done = self._emit(row, tok)
-                events.append((row, piece, done))
-            else:
-                rows = [r for r in self.rows if not r.done][: self.max_batch]
-                if rows != self._batch:
-                    self._unbatch()
-                    self._rebatch(rows)
-                mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long,
-                                                         device=self.chat.device)], dim=1)
-                ids = torch.tensor([[r.last] for r in rows], device=self.chat.device)
-                pos = torch.tensor([[r.length] for r in rows], device=self.chat.device)
-                logits, self._cache = self.chat.forward(ids, self._cache, attention_mask=mask, position_ids=pos)
-                self._mask = mask
-                toks = self._pick(logits, rows)
-                for r, tok in zip(rows, toks, strict=True):
-                    r.length += 1
-                    piece, done = self._emit(r, tok)
-                    events.append((r, piece, done))
-        for r, _, done in events:
-            if done:
-                self.remove(r)
-        return events
+        dev = self.chat.device
+        with torch.inference_mode():
+            mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
+            ids = torch.tensor([[r.last] for r in rows], device=dev)
+            pos = torch.tensor([[r.length] for r in rows], device=dev)
+            logits, self._cache = self.chat.forward(ids, self._cache, attention_mask=mask, position_ids=pos)
+        self._mask = mask
+        return self._pick(logits, rows)

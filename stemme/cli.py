@@ -22,7 +22,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--asr-model", default=None, help="CTranslate2 Whisper directory (default: embedded base)")
     g.add_argument("--llm-model", default=None, help=".gguf file or HF / ORT GenAI / CTranslate2 directory")
     g.add_argument("--llm-pack", default=None, help="embedded LLM pack (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)")
-    g.add_argument("--llm-backend", choices=["auto", "ort-genai", "transformers", "ctranslate2"], default=None)
+    g.add_argument("--llm-backend", default=None,
+                   choices=["auto", "onnxruntime", "ort-genai", "transformers", "ctranslate2"])
     g.add_argument("--voices", dest="voices_file", default=None, help="JSON file of extra voices")
     g.add_argument("--batch-max", type=int, default=None,
                    help="largest ASR micro-batch across sessions (default: 8 on CUDA, 1 = off on CPU)")

@@ -34,7 +34,8 @@ class EngineConfig:
     llm_model: str | None = None
     """A .gguf file, a Hugging Face, ONNX Runtime GenAI or CTranslate2 directory; overrides llm_pack."""
     llm_backend: str = "auto"
-    """auto (transformers on CUDA, ort-genai on CPU), ort-genai, transformers or ctranslate2."""
+    """auto (transformers on CUDA, onnxruntime on CPU), onnxruntime (the ORT GenAI model run by Stemme's own
+    batching loop), ort-genai, transformers or ctranslate2."""
     llm_threads: int = field(default_factory=lambda: min(4, _cores()))
     """CPU threads of the LLM (measured on 2 cores: 2 threads beat 1, even while TTS overlaps)."""
     llm_max_tokens: int = 80

@@ -50,7 +50,7 @@ def load_asr(cfg: EngineConfig) -> SpeechRecognizer:
 def llm_backend(cfg: EngineConfig) -> str:
     if cfg.llm_backend != "auto":
         return cfg.llm_backend
-    return "transformers" if resolve_device(cfg.device) == "cuda" and torch_cuda() else "ort-genai"
+    return "transformers" if resolve_device(cfg.device) == "cuda" and torch_cuda() else "onnxruntime"
 
 
 def load_llm(cfg: EngineConfig) -> ChatEngine:
@@ -59,6 +59,10 @@ def load_llm(cfg: EngineConfig) -> ChatEngine:
     backend = llm_backend(cfg)
     device = resolve_device(cfg.device)
     model_dir = export.llm_model_dir(backend, cfg.llm_pack, cfg.llm_model)
+    if backend == "onnxruntime":
+        from stemme.models.llm_onnx import OnnxChat
+
+        return OnnxChat(model_dir, threads=cfg.llm_threads, device="cpu")
     if backend == "ort-genai":
         from stemme.models.llm_ortgenai import OrtGenaiChat
 

@@ -76,7 +76,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def warm_up(engines: Engines) -> None:
+def warm_up(engines: Engines, batching: bool = False) -> None:
     t = time.perf_counter()
     engines.load_all()
     engines.asr.transcribe(np.zeros(16000, np.float32))
@@ -94,6 +94,9 @@ def warm_up(engines: Engines) -> None:
         if v.engine not in warmed:
             engines.tts.synthesize("Hello.", v)
             warmed.add(v.engine)
+        if batching and engines.tts.batch_key(v) is not None and v.name not in warmed:
+            engines.tts.synthesize_batch(["Hello.", "Hi."], v)  # prepares the voice's batch graph once
+            warmed.add(v.name)
     logger.info("engines warmed up in %.1fs", time.perf_counter() - t)
 
 
@@ -301,7 +304,8 @@ class StemmeServer:
         loop = asyncio.get_running_loop()
         try:
             if self.config.warmup:
-                await loop.run_in_executor(None, warm_up, self.engines)
+                await loop.run_in_executor(None, warm_up, self.engines,
+                                           self.stages.options.tts_batching.max_batch > 1)
             else:
                 await loop.run_in_executor(None, self.engines.load_all)
         except Exception:

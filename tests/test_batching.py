@@ -312,23 +312,26 @@ async def test_concurrent_sessions_asr_requests_are_micro_batched(engines, manif
         stages.shutdown()
 
 
-@pytest.fixture(scope="module")
-def hf_chat():
-    from stemme.models import export
-    from stemme.models.llm_transformers import TransformersChat
+def _chat(backend: str):
+    from stemme.config import EngineConfig
+    from stemme.engines import load_llm
 
-    return TransformersChat(export.llm_model_dir("transformers", "qwen2.5-coder-0.5b", None), device="cpu",
-                            threads=2)
+    return load_llm(EngineConfig.from_env(llm_backend=backend, device="cpu", llm_threads=2))
 
 
-def test_transformers_batched_streams_decode_exactly_like_single_streams(hf_chat):
+@pytest.fixture(scope="module", params=["onnxruntime", "transformers"])
+def batching_chat(request):
+    return _chat(request.param)
+
+
+def test_batched_streams_decode_exactly_like_single_streams(batching_chat):
     """Rows join the batch at different steps (continuous batching) and still decode what they decode alone:
-    the left padding is masked and positions are explicit."""
+    the padding is masked and each row keeps its own positions."""
     prompts = ["What is the capital of France?", "Écris une phrase sur la mer.", "Wie spät ist es in Berlin?"]
     msgs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": p}] for p in prompts]
     o = GenerationOptions(max_new_tokens=24)
-    single = ["".join(hf_chat.stream(m, o)) for m in msgs]
-    dec = hf_chat.batch_decoder(8)
+    single = ["".join(batching_chat.stream(m, o)) for m in msgs]
+    dec = batching_chat.batch_decoder(8)
     out: dict = {}
     rows = []
     widest = 0
@@ -344,3 +347,67 @@ def test_transformers_batched_streams_decode_exactly_like_single_streams(hf_chat
     assert widest == 3
     assert ["".join(out[id(r)]) for r in rows] == single
     assert all(single)
+
+
+def test_onnxruntime_loop_decodes_like_ort_genai(engines):
+    """Stemme's own ONNX Runtime loop (the CPU default) and ONNX Runtime GenAI run the same model files: greedy
+    answers must be the same."""
+    own = engines.llm if engines.llm.name == "onnxruntime" else _chat("onnxruntime")
+    genai = _chat("ort-genai")
+    msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    o = GenerationOptions(max_new_tokens=30)
+    assert "".join(own.stream(msgs, o)) == "".join(genai.stream(msgs, o))
+
+
+def test_piper_batch_is_understood_and_each_clause_keeps_its_own_length(engines, sentences):
+    """A batch of Piper clauses in one graph call: the graph's own frame counts cut each clause, so no clause
+    carries the padding of a longer one, and every clause is still understood."""
+    from stemme.voice.audio import resample
+
+    from stemme.scoring import char_errors
+
+    tts = engines.tts
+    voice = tts.registry.resolve("en", "piper:en_US-joe-medium")
+    texts = sentences["en"][:3]
+    assert tts.batch_key(voice) is not None
+    batch = tts.synthesize_batch(texts, voice)
+    single = [tts.synthesize(t, voice) for t in texts]
+    errors = total = 0
+    for text, b, s in zip(texts, batch, single, strict=True):
+        assert abs(b.seconds - s.seconds) < 0.15 * s.seconds + 0.1, (text, b.seconds, s.seconds)
+        heard = engines.asr.transcribe(resample(b.samples, b.rate, 16000), AsrOptions(language="en")).text
+        e, n = char_errors(heard, text)
+        errors, total = errors + e, total + n
+    assert errors / total <= 0.15
+
+
+async def test_tts_stage_batches_clauses_of_different_sessions(engines):
+    voice = engines.tts.registry.resolve("en", "piper:en_US-joe-medium")
+    kokoro = engines.tts.registry.resolve("fr")
+    stages = Stages(StageOptions(tts_batching=BatchingOptions(max_batch=4, window=timeout(0.5))))
+    try:
+        pcm = await asyncio.gather(stages.tts((engines, "Good morning.", voice, 1.0)),
+                                   stages.tts((engines, "How can I help you today?", voice, 1.0)),
+                                   stages.tts((engines, "Bonjour à vous.", kokoro, 1.0)))
+        assert all(len(p) > 24000 for p in pcm)  # each is more than half a second of 24 kHz PCM16
+        assert len(pcm[1]) > len(pcm[0])
+        # the two Piper clauses shared one call; Kokoro (graph fixed at batch size 1) ran alone
+        assert (stages.tts.batches, stages.tts.items) == (2, 3)
+    finally:
+        stages.shutdown()
+
+
+def test_a_voice_graph_without_a_frame_length_node_is_not_batched(tmp_path, monkeypatch):
+    import onnx
+
+    from stemme.models.tts_piper import with_lengths
+
+    monkeypatch.setenv("STEMME_HOME", str(tmp_path / "home"))
+    x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["output"])], "g", [x], [y])
+    path = tmp_path / "odd.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    assert with_lengths(path) is None
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    assert with_lengths(tmp_path / "broken.onnx") is None

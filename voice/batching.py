@@ -47,12 +47,13 @@ class _Job(Generic[T]):
 
 class MicroBatcher(Generic[T, R]):
     """``run_batch(items) -> results`` (one result per item, in order; an exception instance as a result
-    fails only that item) is called on this batcher's thread. ``key(item)`` says which items may share a
-    batch."""
+    fails only that item) is called on this batcher's worker threads (``workers`` batches run at once, for
+    engines that run concurrent calls well, such as ONNX Runtime on a GPU). ``key(item)`` says which items may
+    share a batch."""
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R | BaseException]], *,
                  options: BatchingOptions | None = None, key: Callable[[T], Hashable | None] | None = None,
-                 name: str = "batch", on_batch: Callable[[int], None] | None = None) -> None:
+                 name: str = "batch", on_batch: Callable[[int], None] | None = None, workers: int = 1) -> None:
         self.run_batch = run_batch
         self.options = options or BatchingOptions()
         self.key = key or (lambda _item: "all")
@@ -63,8 +64,10 @@ class MicroBatcher(Generic[T, R]):
         self._queue: collections.deque[_Job[T]] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=f"stemme-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"stemme-{name}-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
 
     @property
     def depth(self) -> int:
@@ -121,8 +124,9 @@ class MicroBatcher(Generic[T, R]):
             live = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not live:
                 continue
-            self.batches += 1
-            self.items += len(live)
+            with self._cond:
+                self.batches += 1
+                self.items += len(live)
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from stemme.voice.asr import AsrOptions, Transcript
-from stemme.voice.audio import OUTPUT_RATE, Audio, StreamResampler, float_to_pcm16
+from stemme.voice.audio import OUTPUT_RATE, StreamResampler, float_to_pcm16
 from stemme.voice.batching import BatchingOptions, MicroBatcher
 from stemme.voice.llm import GenerationOptions
 from stemme.voice.tts import Voice, clean_for_speech
@@ -242,6 +242,11 @@ def _transcribe_batch(items: list[tuple[Any, np.ndarray, AsrOptions]]) -> list[T
     return out
 
 
+def _tts_key(item: tuple[Any, str, Voice, float]) -> Any:
+    engines, _, voice, speed = item
+    return engines.tts.batch_key(voice, speed)
+
+
 def _asr_key(item: tuple[Any, np.ndarray, AsrOptions]) -> Any:
     engine, audio, _ = item
     fits = getattr(engine, "fits_short", None)
@@ -254,6 +259,8 @@ class StageOptions:
     sessions are batched; on a small CPU, each runs alone and TTS takes priority over the LLM."""
 
     asr_batching: BatchingOptions = field(default_factory=BatchingOptions)
+    tts_batching: BatchingOptions = field(default_factory=BatchingOptions)
+    """Clauses of different sessions with the same voice share one call where the engine batches (Piper)."""
     llm_max_batch: int = 8
     """Streams a batching LLM backend decodes in one pass."""
     tts_workers: int = 1
@@ -265,9 +272,11 @@ class StageOptions:
     def for_device(cls, device: str, *, max_batch: int = 0, window_ms: float = -1.0, tts_workers: int = 0,
                    llm_max_batch: int = 0) -> StageOptions:
         gpu = device == "cuda"
+        batching = BatchingOptions(max_batch=max_batch or (8 if gpu else 1),
+                                   window=(window_ms if window_ms >= 0 else (5.0 if gpu else 0.0)) / 1000)
         return cls(
-            asr_batching=BatchingOptions(max_batch=max_batch or (8 if gpu else 1),
-                                         window=(window_ms if window_ms >= 0 else (5.0 if gpu else 0.0)) / 1000),
+            asr_batching=batching,
+            tts_batching=batching,
             llm_max_batch=llm_max_batch or 8,
             tts_workers=tts_workers or (4 if gpu else 1),
             tts_priority=not gpu,
@@ -296,21 +305,33 @@ class Stages:
         self.vad = ThreadPoolExecutor(1, thread_name_prefix="stemme-vad")
         self.asr = MicroBatcher(_transcribe_batch, options=self.options.asr_batching, key=_asr_key, name="asr")
         self.llm = LlmScheduler(self.priority, max_batch=self.options.llm_max_batch)
-        self.tts = ThreadPoolExecutor(self.options.tts_workers, thread_name_prefix="stemme-tts")
+        self.tts = MicroBatcher(self._synthesize, options=self.options.tts_batching, key=_tts_key, name="tts",
+                                workers=self.options.tts_workers)
 
     def depth(self, stage: str) -> int:
         """Jobs waiting for (or, for the LLM, being served by) a stage."""
         if stage == "llm":
             return self.llm.depth
-        if stage == "asr":
-            return self.asr.depth
-        return getattr(self, stage)._work_queue.qsize()
+        if stage in ("asr", "tts"):
+            return getattr(self, stage).depth
+        return self.vad._work_queue.qsize()
+
+    def _synthesize(self, items: list[tuple[Any, str, Voice, float]]) -> list[bytes]:
+        """Clauses sharing a TTS batch key (same voice and rate), as 24 kHz PCM16."""
+        engines, _, voice, speed = items[0]
+        with self.priority.speaking():
+            audios = engines.tts.synthesize_batch([text for _, text, _, _ in items], voice, speed)
+        out = []
+        for audio in audios:
+            rs = StreamResampler(audio.rate, OUTPUT_RATE)
+            out.append(float_to_pcm16(rs(audio.samples, last=True)))
+        return out
 
     def shutdown(self) -> None:
         self.llm.shutdown()
         self.asr.shutdown()
-        for ex in (self.vad, self.tts):
-            ex.shutdown(wait=False, cancel_futures=True)
+        self.tts.shutdown()
+        self.vad.shutdown(wait=False, cancel_futures=True)
 
 
 _SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]»]*\s")
@@ -436,13 +457,6 @@ async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, 
             cancel.set()  # the consumer left early: the scheduler drops the stream before its next token
 
 
-def _synth_24k(engines: Engines, stages: Stages, text: str, voice: Voice, speed: float) -> bytes:
-    with stages.priority.speaking():
-        audio: Audio = engines.tts.synthesize(text, voice, speed)
-    rs = StreamResampler(audio.rate, OUTPUT_RATE)
-    return float_to_pcm16(rs(audio.samples, last=True))
-
-
 async def respond(
     engines: Engines,
     stages: Stages,
@@ -456,7 +470,6 @@ async def respond(
 ) -> AsyncIterator[TextPiece | SpokenClause]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
     writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token."""
-    loop = asyncio.get_running_loop()
     opts = GenerationOptions(max_new_tokens=max_tokens)
     pieces = llm_pieces(engines, stages, messages, opts, cancel)
     if voice is None:
@@ -497,7 +510,7 @@ async def respond(
                 break
             if not clean_for_speech(c):
                 continue
-            pcm = await loop.run_in_executor(stages.tts, _synth_24k, engines, stages, c, voice, speed)
+            pcm = await stages.tts((engines, c, voice, speed))
             if cancel.is_set():
                 break
             if marks.first_audio is None:

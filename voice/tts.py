@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -168,12 +168,32 @@ class Synthesizer:
     speed: float = 1.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def _rate(self, voice: Voice, speed: float | None) -> float:
+        return (speed or self.speed) * voice.speed
+
+    @staticmethod
+    def _finish(audio: Audio) -> Audio:
+        return Audio(limit_peak(trim_silence(audio.samples, audio.rate)), audio.rate)
+
     def synthesize(self, text: str, voice: Voice, speed: float | None = None) -> Audio:
         engine = self.registry.engines[voice.engine]
-        rate = (speed or self.speed) * voice.speed
-        audio = engine.synthesize(clean_for_speech(text), voice, rate)
-        samples = trim_silence(audio.samples, audio.rate)
-        return Audio(limit_peak(samples), audio.rate)
+        return self._finish(engine.synthesize(clean_for_speech(text), voice, self._rate(voice, speed)))
+
+    def batch_key(self, voice: Voice, speed: float | None = None) -> Hashable | None:
+        """Clauses with equal keys may be synthesized in one call (``synthesize_batch``); None: alone."""
+        fn = getattr(self.registry.engines.get(voice.engine), "batch_key", None)
+        return fn(voice, self._rate(voice, speed)) if fn is not None else None
+
+    def synthesize_batch(self, texts: list[str], voice: Voice, speed: float | None = None) -> list[Audio]:
+        """Several clauses (of different sessions) with one voice: one engine call where the engine batches."""
+        engine = self.registry.engines[voice.engine]
+        cleaned = [clean_for_speech(t) for t in texts]
+        rate = self._rate(voice, speed)
+        if len(texts) > 1 and hasattr(engine, "synthesize_batch"):
+            audios = engine.synthesize_batch(cleaned, voice, rate)
+        else:
+            audios = [engine.synthesize(t, voice, rate) for t in cleaned]
+        return [self._finish(a) for a in audios]
 
     def stream(self, text: str, voice: Voice, speed: float | None = None) -> Iterator[Audio]:
         """Yield one Audio per clause; the first is ready without waiting for the rest of the text."""
