@@ -1,10 +1,9 @@
 """What batching across sessions buys on this machine (CPU or CUDA).
 
-ASR: N utterances transcribed one by one against one batch (faster-whisper, short context): wall time of the
-whole group, and the time the first and last session wait. LLM: N concurrent streams decoded by the LLM
-scheduler, with the transformers backend's continuous batching against token-by-token interleaving (and the
-CPU default ORT GenAI, which interleaves): time to each stream's first token, and tokens/s per stream and in
-all.
+ASR: N utterances transcribed one by one against one batch (faster-whisper, short context): the time the
+first and the last session wait. TTS: the same for N clauses with one Piper voice. LLM: N concurrent streams
+decoded by the LLM scheduler, batched against interleaved token by token (and ORT GenAI, which interleaves):
+time to each stream's first token, and tokens/s per stream and in all.
 
     python bench/batching.py [--device cpu|cuda] [--sizes 1,2,4] [--runs 3] [--tokens 48] [--skip-llm]
 """
@@ -54,6 +53,46 @@ def bench_asr(device: str, sizes: list[int], runs: int) -> list[dict]:
         out.append({"sessions": n, "one_by_one_first_s": seq_first, "one_by_one_last_s": seq_last,
                     "batch_s": batch})
     return out
+
+
+CLAUSES = ["Good morning, how can I help?", "The train leaves at nine.", "It will be sunny and warm today.",
+           "Sure, here is a simple recipe.", "Paris is the capital of France.", "I am not sure about that.",
+           "Let me check the weather for you.", "That sounds like a good plan."]
+
+
+def bench_tts(device: str, sizes: list[int], runs: int) -> list[dict]:
+    from stemme.config import EngineConfig
+    from stemme.engines import load_tts
+
+    tts = load_tts(EngineConfig.from_env(device=device))
+    voice = tts.registry.resolve("en", "piper:en_US-joe-medium")
+    tts.synthesize_batch(CLAUSES[:2], voice)  # builds the batch graph once
+    out = []
+    for n in sizes:
+        seq_first, seq_last, batch = [], [], []
+        for r in range(runs):
+            group = [CLAUSES[(r + i) % len(CLAUSES)] for i in range(n)]
+            t = time.perf_counter()
+            for i, c in enumerate(group):
+                tts.synthesize(c, voice)
+                if i == 0:
+                    seq_first.append(time.perf_counter() - t)
+            seq_last.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            tts.synthesize_batch(group, voice)
+            batch.append(time.perf_counter() - t)
+        out.append({"sessions": n, "one_by_one_first_s": seq_first, "one_by_one_last_s": seq_last,
+                    "batch_s": batch})
+    return out
+
+
+def _print_groups(title: str, rows: list[dict]) -> None:
+    print(f"\n{title} (seconds: median / p95)")
+    print(f"{'N':>3} {'1-by-1 first':>14} {'1-by-1 last':>14} {'batch (all)':>14}")
+    for r in rows:
+        cells = [f"{statistics.median(r[k]):.3f}/{pct(r[k], 0.95):.3f}"
+                 for k in ("one_by_one_first_s", "one_by_one_last_s", "batch_s")]
+        print(f"{r['sessions']:>3} " + " ".join(f"{c:>14}" for c in cells))
 
 
 def _streams(chat, scheduler_max_batch: int, n: int, tokens: int) -> dict:
@@ -139,13 +178,10 @@ def main() -> None:
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     print(f"machine: {machine()}  device: {a.device}")
-    res: dict = {"device": a.device, "machine": machine(), "asr": bench_asr(a.device, sizes, a.runs)}
-    print("\nASR, N utterances of 2.5-6 s (seconds: median / p95)")
-    print(f"{'N':>3} {'1-by-1 first':>14} {'1-by-1 last':>14} {'batch (all)':>14}")
-    for r in res["asr"]:
-        cells = [f"{statistics.median(r[k]):.3f}/{pct(r[k], 0.95):.3f}"
-                 for k in ("one_by_one_first_s", "one_by_one_last_s", "batch_s")]
-        print(f"{r['sessions']:>3} " + " ".join(f"{c:>14}" for c in cells))
+    res: dict = {"device": a.device, "machine": machine(), "asr": bench_asr(a.device, sizes, a.runs),
+                 "tts": bench_tts(a.device, sizes, a.runs)}
+    _print_groups("ASR, N utterances of 2.5-6 s", res["asr"])
+    _print_groups("TTS, N short clauses, Piper en_US-joe-medium", res["tts"])
     if not a.skip_llm:
         res["llm"] = bench_llm(a.device, sizes, a.runs, a.tokens)
         print(f"\nLLM, N concurrent streams of {a.tokens} tokens (qwen2.5-coder-0.5b)")

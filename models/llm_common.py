@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ class Row:
         """Per layer (keys, values) of this row alone, held while the row is out of a batch."""
         self.length = 0
         """Tokens in this row's cache."""
+        self.generated_ids: list[int] = []
         self.last = 0
         self.generated = 0
         self.done = False
@@ -84,16 +86,19 @@ class BatchDecoderBase:
         return row
 
     def remove(self, row: Row) -> None:
+        if row in self._batch:
+            self._unbatch()  # every row of the batch, this one included, gets its own cache back
         if row in self.rows:
             self.rows.remove(row)
         if row in self._new:
             self._new.remove(row)
+        if row.kv is not None:
+            self._retire(row)
         row.kv = None
-        if row in self._batch:
-            self._unbatch()
 
     def _emit(self, row: Row, tok: int) -> tuple[str, bool]:
         row.generated += 1
+        row.generated_ids.append(tok)
         row.last = tok
         if tok in self.tokenizer.eos:
             row.done = True
@@ -155,6 +160,66 @@ class BatchDecoderBase:
     def _unbatch(self) -> None:
         """Split the batched cache back into the rows' own caches; empties ``self._batch``."""
         raise NotImplementedError
+
+    def _retire(self, row: Row) -> None:
+        """A row leaves with its cache (finished or cancelled); an engine may keep it for the next turn."""
+
+
+class PrefixCache:
+    """Key/value caches of finished answers, kept for the next turn of the same conversation: its prompt
+    starts with the previous prompt and answer, so only the new part is prefilled (a 15-turn conversation's
+    prompt is about 600 tokens). In memory only, least recently used first out, at most ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[int, tuple[tuple[int, ...], list[Any], int]] = \
+            collections.OrderedDict()
+        self._bytes = 0
+        self._next = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.reused_tokens = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def store(self, tokens: list[int], kv: list[Any], nbytes: int) -> None:
+        if nbytes > self.max_bytes or not tokens:
+            return
+        key = tuple(tokens)
+        with self._lock:
+            for k, (t, _, n) in list(self._entries.items()):
+                if key[: len(t)] == t:  # the new entry continues this one (the same conversation, a turn later)
+                    del self._entries[k]
+                    self._bytes -= n
+            self._entries[self._next] = (key, kv, nbytes)
+            self._next += 1
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, _, n) = self._entries.popitem(last=False)
+                self._bytes -= n
+
+    def take(self, ids: list[int], min_tokens: int = 16) -> tuple[int, list[Any] | None]:
+        """The longest cached prefix of ``ids`` (at most len(ids) - 1 tokens, so that one is left to run):
+        (its length, its cache); (0, None) when none is long enough. The entry stays (other conversations may
+        share its start, the system prompt); it is replaced when the continued conversation is stored."""
+        with self._lock:
+            best, best_len = None, 0
+            for key, (tokens, _, _) in self._entries.items():
+                n = min(len(tokens), len(ids) - 1)
+                m = 0
+                while m < n and tokens[m] == ids[m]:
+                    m += 1
+                if m > best_len:
+                    best, best_len = key, m
+            if best is None or best_len < min_tokens:
+                return 0, None
+            _, kv, _ = self._entries[best]
+            self._entries.move_to_end(best)
+            self.hits += 1
+            self.reused_tokens += best_len
+            return best_len, kv
 
 
 def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row, greedy_or_sample
+from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, PrefixCache, Row, greedy_or_sample
 from stemme.voice.llm import GenerationOptions
 
 from stemme.errors import ModelLoadError
@@ -34,7 +34,8 @@ class OnnxChat:
     batches = True
     """The LLM scheduler decodes this engine's streams together (see ``OnnxBatchDecoder``)."""
 
-    def __init__(self, model_dir: str | Path, *, threads: int = 2, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str | Path, *, threads: int = 2, device: str = "cpu",
+                 prefix_cache_mb: int = 512) -> None:
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -67,6 +68,7 @@ class OnnxChat:
         self.load_seconds = time.perf_counter() - t
         self._lock = threading.RLock()
         self._rng = np.random.default_rng()
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
         logger.info("LLM onnxruntime loaded from %s in %.2fs", model_dir, self.load_seconds)
 
     def run(self, ids: np.ndarray, mask: np.ndarray, kv: list[tuple[np.ndarray, np.ndarray]]):  # noqa: ANN201
@@ -101,14 +103,28 @@ class OnnxBatchDecoder(BatchDecoderBase):
 
     def _prefill(self, row: Row) -> int:
         n = len(row.prompt)
-        logits, row.kv = self.chat.run(np.array([row.prompt]), np.ones((1, n), np.int64), self.chat.empty_kv())
+        cache = self.chat.prefix_cache
+        m, kv = cache.take(row.prompt) if cache is not None else (0, None)
+        if kv is None:
+            m, kv = 0, self.chat.empty_kv()
+        else:
+            kv = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
+        logits, row.kv = self.chat.run(np.array([row.prompt[m:]]), np.ones((1, n), np.int64), kv)
         row.length = n
         return greedy_or_sample(logits[0], row.options, self.chat._rng)
+
+    def _retire(self, row: Row) -> None:
+        cache = self.chat.prefix_cache
+        if cache is None or row.kv is None:
+            return
+        tokens = (row.prompt + row.generated_ids)[: row.length]
+        kv = [(k[:, :, : row.length], v[:, :, : row.length]) for k, v in row.kv]
+        cache.store(tokens, kv, sum(k.nbytes + v.nbytes for k, v in kv))
 
     def _unbatch(self) -> None:
         if self._kv is not None:
             for i, row in enumerate(self._batch):
-                if row in self.rows:
+                if row.kv is None:
                     row.kv = [(k[i:i + 1, :, :row.length].copy(), v[i:i + 1, :, :row.length].copy())
                               for k, v in self._kv]
         self._batch, self._kv = [], None

@@ -123,7 +123,7 @@ class BatchDecoder(BatchDecoderBase):
         if self._cache is not None:
             width = self._mask.shape[1]
             for i, row in enumerate(self._batch):
-                if row in self.rows:
+                if row.kv is None:
                     pad = width - row.length
                     row.kv = [(k[i:i + 1, :, pad:, :], v[i:i + 1, :, pad:, :]) for k, v, *_ in self._cache]
         self._batch, self._cache, self._mask = [], None, None

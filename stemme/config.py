@@ -38,6 +38,9 @@ class EngineConfig:
     batching loop), ort-genai, transformers or ctranslate2."""
     llm_threads: int = field(default_factory=lambda: min(4, _cores()))
     """CPU threads of the LLM (measured on 2 cores: 2 threads beat 1, even while TTS overlaps)."""
+    llm_prefix_cache_mb: int = 512
+    """Memory for the key/value caches of recent conversations (onnxruntime backend): the next turn prefills
+    only its new words (first token 0.09 s instead of 0.3-0.45 s by the third turn, measured). 0 turns it off."""
     llm_max_tokens: int = 80
     """Longest answer, in tokens."""
     tts_threads: int = field(default_factory=lambda: min(2, _cores()))

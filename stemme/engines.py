@@ -62,7 +62,7 @@ def load_llm(cfg: EngineConfig) -> ChatEngine:
     if backend == "onnxruntime":
         from stemme.models.llm_onnx import OnnxChat
 
-        return OnnxChat(model_dir, threads=cfg.llm_threads, device="cpu")
+        return OnnxChat(model_dir, threads=cfg.llm_threads, device="cpu", prefix_cache_mb=cfg.llm_prefix_cache_mb)
     if backend == "ort-genai":
         from stemme.models.llm_ortgenai import OrtGenaiChat
 

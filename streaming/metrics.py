@@ -25,6 +25,10 @@ class Metrics:
         self.queue_depth = Gauge("stemme_queue_depth", "Jobs waiting for a stage worker", ["stage"], registry=r)
         self.batch_size = Histogram("stemme_batch_size", "Requests of different sessions served by one engine call",
                                     ["stage"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.prefix_cache_bytes = Gauge("stemme_llm_prefix_cache_bytes",
+                                        "Key/value caches kept for the next turn of conversations", registry=r)
+        self.prefix_cache_hits = Gauge("stemme_llm_prefix_cache_hits", "Turns whose prompt start was cached",
+                                       registry=r)
         self.outbound_bytes = Gauge("stemme_outbound_queued_bytes", "Bytes queued to slow clients", registry=r)
         self.model_loaded = Gauge("stemme_model_loaded", "1 when the engine is loaded", ["engine"], registry=r)
         self.ready = Gauge("stemme_ready", "1 when the server accepts sessions", registry=r)

@@ -160,6 +160,10 @@ class StemmeServer:
         for name in ("vad", "asr", "llm", "tts"):
             m.queue_depth.labels(name).set(self.stages.depth(name))
             m.model_loaded.labels(name).set(1 if name in self.engines.loaded else 0)
+        cache = getattr(self.engines.llm, "prefix_cache", None) if "llm" in self.engines.loaded else None
+        if cache is not None:
+            m.prefix_cache_bytes.set(cache.size_bytes)
+            m.prefix_cache_hits.set(cache.hits)
         return m.render()
 
     def voices(self) -> dict[str, Any]:

@@ -312,16 +312,17 @@ async def test_concurrent_sessions_asr_requests_are_micro_batched(engines, manif
         stages.shutdown()
 
 
-def _chat(backend: str):
+def _chat(backend: str, **kw):
     from stemme.config import EngineConfig
     from stemme.engines import load_llm
 
-    return load_llm(EngineConfig.from_env(llm_backend=backend, device="cpu", llm_threads=2))
+    return load_llm(EngineConfig.from_env(llm_backend=backend, device="cpu", llm_threads=2, **kw))
 
 
 @pytest.fixture(scope="module", params=["onnxruntime", "transformers"])
 def batching_chat(request):
-    return _chat(request.param)
+    # no prefix cache: a prompt continued from a cache decodes the same in substance, not bit for bit
+    return _chat(request.param, llm_prefix_cache_mb=0)
 
 
 def test_batched_streams_decode_exactly_like_single_streams(batching_chat):
@@ -352,7 +353,7 @@ def test_batched_streams_decode_exactly_like_single_streams(batching_chat):
 def test_onnxruntime_loop_decodes_like_ort_genai(engines):
     """Stemme's own ONNX Runtime loop (the CPU default) and ONNX Runtime GenAI run the same model files: greedy
     answers must be the same."""
-    own = engines.llm if engines.llm.name == "onnxruntime" else _chat("onnxruntime")
+    own = _chat("onnxruntime", llm_prefix_cache_mb=0)
     genai = _chat("ort-genai")
     msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
     o = GenerationOptions(max_new_tokens=30)
@@ -399,7 +400,6 @@ async def test_tts_stage_batches_clauses_of_different_sessions(engines):
 
 def test_a_voice_graph_without_a_frame_length_node_is_not_batched(tmp_path, monkeypatch):
     import onnx
-
     from stemme.models.tts_piper import with_lengths
 
     monkeypatch.setenv("STEMME_HOME", str(tmp_path / "home"))
@@ -411,3 +411,47 @@ def test_a_voice_graph_without_a_frame_length_node_is_not_batched(tmp_path, monk
     assert with_lengths(path) is None
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     assert with_lengths(tmp_path / "broken.onnx") is None
+
+
+# ---- the next turn reuses the conversation's cache ----------------------------------------------------------
+
+def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_oldest():
+    from stemme.models.llm_common import PrefixCache
+
+    c = PrefixCache(max_bytes=300)
+    c.store(list(range(40)), ["kv-a"], 100)
+    c.store(list(range(30)) + [99] * 10, ["kv-b"], 100)
+    assert c.take(list(range(20)), min_tokens=16) == (19, ["kv-a"])  # one token is always left to run
+    assert c.take([5] * 50) == (0, None)
+    assert c.take(list(range(10)) + [7] * 30, min_tokens=16) == (0, None)  # too short a match
+    assert c.take(list(range(60))) == (40, ["kv-a"])  # entries stay: other conversations share their start
+    assert c.size_bytes == 200 and c.hits == 2
+    c.store(list(range(50)), ["kv-a2"], 100)  # the same conversation a turn later replaces its entry
+    assert c.size_bytes == 200 and c.take(list(range(60))) == (50, ["kv-a2"])
+    for i in range(3):
+        c.store([i + 500] * 20, [f"kv-{i}"], 100)
+    assert c.size_bytes == 300
+    assert c.take(list(range(30)) + [99] * 20)[1] is None  # the least recently used entry (kv-b) was evicted
+    c.store([1] * 1000, ["huge"], 10_000)  # larger than the whole cache: not kept
+    assert c.size_bytes == 300
+
+
+def test_the_next_turn_prefills_only_its_new_words(engines):
+    """With the prefix cache, the second and third turns start from the previous turns' cache, and the answers
+    still use the whole history."""
+    from stemme.voice.llm import Conversation
+
+    chat = engines.llm if engines.llm.name == "onnxruntime" else _chat("onnxruntime")
+    cache = chat.prefix_cache
+    hits, reused = cache.hits, cache.reused_tokens
+    conv = Conversation()
+    o = GenerationOptions(max_new_tokens=30)
+    answers = []
+    for q in ["My name is Zofia and I live in Kraków.", "What is the weather like there in winter?",
+              "What is my name?"]:
+        conv.add("user", q)
+        answers.append("".join(chat.stream(conv.messages("en"), o)))
+        conv.add("assistant", answers[-1])
+    assert cache.hits - hits >= 2
+    assert cache.reused_tokens - reused > 100  # the system prompt, the first turns and their answers
+    assert "zofia" in answers[-1].lower(), answers
