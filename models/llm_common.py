@@ -79,6 +79,11 @@ class BatchDecoderBase:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def pending(self) -> int:
+        """Rows whose prompt has not run yet."""
+        return len(self._new)
+
     def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> Row:
         row = Row(self.tokenizer.encode_chat(messages), options, self.tokenizer.decode)
         self.rows.append(row)

@@ -180,6 +180,10 @@ class FakeDecoder:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def pending(self) -> int:
+        return len(self.new)
+
     def add(self, messages, options):
         row = FakeRow(messages[-1]["content"])
         self.rows.append(row)
@@ -455,3 +459,23 @@ def test_the_next_turn_prefills_only_its_new_words(engines):
     assert cache.hits - hits >= 2
     assert cache.reused_tokens - reused > 100  # the system prompt, the first turns and their answers
     assert "zofia" in answers[-1].lower(), answers
+
+
+def test_a_new_turns_first_token_does_not_wait_for_another_sessions_speech():
+    chat = FakeBatchingChat(length=10)
+    prio = TtsPriority()
+    sched = LlmScheduler(prio, max_batch=8)
+    done = threading.Semaphore(0)
+    out: dict = {}
+    try:
+        with prio.speaking():  # another session's speech is being synthesized the whole time
+            _submit(sched, chat, "a", out, done)
+            time.sleep(0.2)
+            _submit(sched, chat, "b", out, done)
+            time.sleep(0.2)
+            assert out.get("b", [])[:1] == ["b0"], out  # b's prompt ran although speech goes on
+            assert len(out["a"]) < 10  # while a's generation stays paused behind the speech
+        assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    finally:
+        sched.shutdown()
+    assert out["a"] == [f"a{i}" for i in range(10)] and out["b"] == [f"b{i}" for i in range(10)]

@@ -50,11 +50,19 @@ class TtsPriority:
                 self._busy -= 1
                 self._cond.notify_all()
 
-    def wait(self, cancel: threading.Event, timeout: float = 10.0) -> None:
+    def wait(self, cancel: threading.Event, timeout: float = 10.0,
+             unless: Callable[[], bool] = lambda: False) -> None:
+        """Wait while speech is being synthesized, unless ``cancel`` is set or ``unless()`` becomes true (a new
+        turn's prompt is waiting: its first token must not wait for another session's speech)."""
         if not self.enabled:
             return
         with self._cond:
-            self._cond.wait_for(lambda: self._busy == 0 or cancel.is_set(), timeout)
+            self._cond.wait_for(lambda: self._busy == 0 or cancel.is_set() or unless(), timeout)
+
+    def poke(self) -> None:
+        """Re-check waiting conditions now."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 @dataclass
@@ -151,6 +159,7 @@ class LlmScheduler:
         with self._cond:
             self._new.append(_Stream(engine, messages, options, cancel, put))
             self._cond.notify()
+        self.priority.poke()  # a generation paused for speech gives way to the new prompt
 
     def shutdown(self) -> None:
         with self._cond:
@@ -188,7 +197,7 @@ class LlmScheduler:
             if group.streams:
                 self._active.append(group)
         cancel = next((s.cancel for s in group.streams.values()), threading.Event())
-        self.priority.wait(cancel)
+        self.priority.wait(cancel, unless=lambda: bool(self._new) or group.decoder.pending > 0)
 
     def _loop(self) -> None:
         while True:
@@ -226,7 +235,8 @@ class LlmScheduler:
                     self._active.append(st)
                 else:
                     self._active.appendleft(st)
-            self.priority.wait(st.cancel)  # generation pauses here while speech is being synthesized
+            # generation pauses here while speech is being synthesized, but a new turn's prompt does not wait
+            self.priority.wait(st.cancel, unless=lambda: bool(self._new))
 
 
 def _transcribe_batch(items: list[tuple[Any, np.ndarray, AsrOptions]]) -> list[Transcript | BaseException]:
