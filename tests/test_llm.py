@@ -71,3 +71,16 @@ def test_conversation_keeps_recent_turns_only():
     msgs = conv.messages("de")
     assert msgs[0]["role"] == "system" and "German" in msgs[0]["content"]
     assert [m["content"] for m in msgs[1:]] == ["q3", "a3", "q4", "a4"]
+
+
+def test_old_turns_are_dropped_in_steps_so_the_prompt_start_stays_the_same():
+    conv = Conversation(max_turns=4)
+    starts = []
+    for i in range(12):
+        conv.add("user", f"q{i}")
+        conv.add("assistant", f"a{i}")
+        window = conv.messages("en")[1:]
+        assert min(2 * (i + 1), 6) <= len(window) <= 8 and window[-1]["content"] == f"a{i}"
+        starts.append(window[0]["content"])
+    # the first kept turn moves two turns at a time, not at every turn
+    assert starts == ["q0"] * 4 + ["q2", "q2", "q4", "q4", "q6", "q6", "q8", "q8"]

@@ -52,12 +52,25 @@ class Conversation:
 
     instructions: str = DEFAULT_INSTRUCTIONS
     max_turns: int = 8
-    """Older turns are dropped to keep the prompt (and the first-token time) short."""
+    """Older turns are dropped to keep the prompt (and the first-token time) short: half of them at a time, so
+    that the prompt's start stays the same for several turns (the engine reuses its cache, see PrefixCache)."""
     turns: list[dict[str, str]] = field(default_factory=list)
 
+    def window(self) -> list[dict[str, str]]:
+        limit = 2 * self.max_turns
+        if len(self.turns) <= limit:
+            return list(self.turns)
+        step = max(2, limit // 2)
+        start = -(-(len(self.turns) - limit) // step) * step
+        return self.turns[start:]
+
     def messages(self, language: str | None) -> list[dict[str, str]]:
+        """The instructions with the language to answer in, then the recent turns. While the language stays
+        the same, the prompt starts with the previous turn's prompt and answer (the engine reuses its cache).
+        Moving the language instruction after the turns would keep that start across language changes too,
+        but the 0.5B model then echoed more questions (measured, 24 questions in 8 languages)."""
         system = f"{self.instructions} {language_instruction(language)}"
-        return [{"role": "system", "content": system}, *self.turns[-2 * self.max_turns:]]
+        return [{"role": "system", "content": system}, *self.window()]
 
     def add(self, role: str, content: str) -> None:
         if content.strip():
