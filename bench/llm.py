@@ -1,7 +1,8 @@
-"""LLM backends compared on this machine: ONNX Runtime GenAI int8, CTranslate2 int8, transformers (torch fp32).
+"""LLM backends compared on this machine: ONNX Runtime int8 (Stemme's own loop, and ONNX Runtime GenAI),
+CTranslate2 int8, transformers (torch fp32).
 Each backend runs in its own process (clean peak RSS). Prints load time, first-token latency, tokens/s.
 
-    python bench/llm.py [--backends ort-genai,ctranslate2,transformers] [--runs 3] [--threads 2]
+    python bench/llm.py [--backends onnxruntime,ort-genai,ctranslate2,transformers] [--runs 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def child(backend: str, runs: int, threads: int, tokens: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backends", default="ort-genai,ctranslate2,transformers")
+    ap.add_argument("--backends", default="onnxruntime,ort-genai,ctranslate2,transformers")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=60)

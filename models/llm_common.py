@@ -171,17 +171,20 @@ class BatchDecoderBase:
 
 
 class PrefixCache:
-    """Key/value caches of finished answers, kept for the next turn of the same conversation: its prompt
-    starts with the previous prompt and answer, so only the new part is prefilled (a 15-turn conversation's
-    prompt is about 600 tokens). In memory only, least recently used first out, at most ``max_bytes``."""
+    """The key/value cache of each conversation's last answer, kept for its next turn: the next prompt starts
+    with the previous prompt and answer, so only the new part is prefilled (a 15-turn conversation's prompt is
+    about 600 tokens). One entry per conversation, never used by another one (a shared cache would let one
+    user learn from response times what another asked). In memory only; least recently used first out, at
+    most ``max_bytes``."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[int, tuple[tuple[int, ...], list[Any], int]] = \
+        self._entries: collections.OrderedDict[str, tuple[tuple[int, ...], list[Any], int]] = \
             collections.OrderedDict()
         self._bytes = 0
-        self._next = 0
         self._lock = threading.Lock()
+        self._closed: collections.deque[str] = collections.deque(maxlen=4096)
+        """Conversations dropped lately: an answer cancelled by the close may finish after it."""
         self.hits = 0
         self.reused_tokens = 0
 
@@ -189,42 +192,46 @@ class PrefixCache:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def store(self, tokens: list[int], kv: list[Any], nbytes: int) -> None:
-        if nbytes > self.max_bytes or not tokens:
-            return
-        key = tuple(tokens)
+    def store(self, owner: str, tokens: list[int], kv: list[Any], nbytes: int) -> None:
         with self._lock:
-            for k, (t, _, n) in list(self._entries.items()):
-                if key[: len(t)] == t:  # the new entry continues this one (the same conversation, a turn later)
-                    del self._entries[k]
-                    self._bytes -= n
-            self._entries[self._next] = (key, kv, nbytes)
-            self._next += 1
+            old = self._entries.pop(owner, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if nbytes > self.max_bytes or not tokens or owner in self._closed:
+                return
+            self._entries[owner] = (tuple(tokens), kv, nbytes)
             self._bytes += nbytes
             while self._bytes > self.max_bytes:
                 _, (_, _, n) = self._entries.popitem(last=False)
                 self._bytes -= n
 
-    def take(self, ids: list[int], min_tokens: int = 16) -> tuple[int, list[Any] | None]:
-        """The longest cached prefix of ``ids`` (at most len(ids) - 1 tokens, so that one is left to run):
-        (its length, its cache); (0, None) when none is long enough. The entry stays (other conversations may
-        share its start, the system prompt); it is replaced when the continued conversation is stored."""
+    def take(self, owner: str, ids: list[int], min_tokens: int = 16) -> tuple[int, list[Any] | None]:
+        """How much of ``ids`` the conversation's cache holds (at most len(ids) - 1 tokens, so that one is left
+        to run) and the cache: (0, None) when it holds fewer than ``min_tokens``. The entry stays until the
+        conversation stores its next one."""
         with self._lock:
-            best, best_len = None, 0
-            for key, (tokens, _, _) in self._entries.items():
-                n = min(len(tokens), len(ids) - 1)
-                m = 0
-                while m < n and tokens[m] == ids[m]:
-                    m += 1
-                if m > best_len:
-                    best, best_len = key, m
-            if best is None or best_len < min_tokens:
+            entry = self._entries.get(owner)
+            if entry is None:
                 return 0, None
-            _, kv, _ = self._entries[best]
-            self._entries.move_to_end(best)
+            tokens, kv, _ = entry
+            n = min(len(tokens), len(ids) - 1)
+            m = 0
+            while m < n and tokens[m] == ids[m]:
+                m += 1
+            if m < min_tokens:
+                return 0, None
+            self._entries.move_to_end(owner)
             self.hits += 1
-            self.reused_tokens += best_len
-            return best_len, kv
+            self.reused_tokens += m
+            return m, kv
+
+    def drop(self, owner: str) -> None:
+        """Forget a conversation (its session closed)."""
+        with self._lock:
+            self._closed.append(owner)
+            old = self._entries.pop(owner, None)
+            if old is not None:
+                self._bytes -= old[2]
 
 
 def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001

@@ -85,6 +85,11 @@ class OnnxChat:
         z = np.zeros((batch, self.kv_heads, 0, self.head_size), self.kv_dtype)
         return [(z, z)] * self.layers
 
+    def forget(self, conversation: str) -> None:
+        """Drop a conversation's cache (its session closed)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop(conversation)
+
     def batch_decoder(self, max_batch: int = 8) -> OnnxBatchDecoder:
         return OnnxBatchDecoder(self, max_batch)
 
@@ -103,8 +108,8 @@ class OnnxBatchDecoder(BatchDecoderBase):
 
     def _prefill(self, row: Row) -> int:
         n = len(row.prompt)
-        cache = self.chat.prefix_cache
-        m, kv = cache.take(row.prompt) if cache is not None else (0, None)
+        cache, owner = self.chat.prefix_cache, row.options.conversation
+        m, kv = cache.take(owner, row.prompt) if cache is not None and owner else (0, None)
         if kv is None:
             m, kv = 0, self.chat.empty_kv()
         else:
@@ -114,12 +119,12 @@ class OnnxBatchDecoder(BatchDecoderBase):
         return greedy_or_sample(logits[0], row.options, self.chat._rng)
 
     def _retire(self, row: Row) -> None:
-        cache = self.chat.prefix_cache
-        if cache is None or row.kv is None:
+        cache, owner = self.chat.prefix_cache, row.options.conversation
+        if cache is None or row.kv is None or not owner:
             return
         tokens = (row.prompt + row.generated_ids)[: row.length]
         kv = [(k[:, :, : row.length], v[:, :, : row.length]) for k, v in row.kv]
-        cache.store(tokens, kv, sum(k.nbytes + v.nbytes for k, v in kv))
+        cache.store(owner, tokens, kv, sum(k.nbytes + v.nbytes for k, v in kv))
 
     def _unbatch(self) -> None:
         if self._kv is not None:

@@ -440,7 +440,7 @@ class Session:
             instructions = overrides.get("instructions") if isinstance(overrides.get("instructions"), str) else None
             async for out in respond(self.engines, self.stages, self._messages(language, instructions),
                                      voice=voice, speed=self.config.speed, max_tokens=max_tokens,
-                                     cancel=run.cancel, marks=marks):
+                                     cancel=run.cancel, marks=marks, conversation=self.id):
                 if isinstance(out, SpokenClause):
                     text = out.text if not text_out else " " + out.text
                     self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": text})
@@ -557,6 +557,8 @@ class Session:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if "llm" in self.engines.loaded and hasattr(self.engines.llm, "forget"):
+            self.engines.llm.forget(self.id)  # the conversation's cache goes with it
 
     @property
     def active_tasks(self) -> int:

@@ -419,25 +419,25 @@ def test_a_voice_graph_without_a_frame_length_node_is_not_batched(tmp_path, monk
 
 # ---- the next turn reuses the conversation's cache ----------------------------------------------------------
 
-def test_prefix_cache_finds_the_longest_prefix_and_evicts_the_oldest():
+def test_prefix_cache_serves_a_conversation_its_own_cache_only():
     from stemme.models.llm_common import PrefixCache
 
     c = PrefixCache(max_bytes=300)
-    c.store(list(range(40)), ["kv-a"], 100)
-    c.store(list(range(30)) + [99] * 10, ["kv-b"], 100)
-    assert c.take(list(range(20)), min_tokens=16) == (19, ["kv-a"])  # one token is always left to run
-    assert c.take([5] * 50) == (0, None)
-    assert c.take(list(range(10)) + [7] * 30, min_tokens=16) == (0, None)  # too short a match
-    assert c.take(list(range(60))) == (40, ["kv-a"])  # entries stay: other conversations share their start
-    assert c.size_bytes == 200 and c.hits == 2
-    c.store(list(range(50)), ["kv-a2"], 100)  # the same conversation a turn later replaces its entry
-    assert c.size_bytes == 200 and c.take(list(range(60))) == (50, ["kv-a2"])
-    for i in range(3):
-        c.store([i + 500] * 20, [f"kv-{i}"], 100)
+    c.store("alice", list(range(40)), ["kv-a"], 100)
+    assert c.take("alice", list(range(60))) == (40, ["kv-a"])
+    assert c.take("alice", list(range(20)), min_tokens=16) == (19, ["kv-a"])  # one token is always left to run
+    assert c.take("alice", list(range(10)) + [7] * 30, min_tokens=16) == (0, None)  # too short a match
+    assert c.take("bob", list(range(60))) == (0, None)  # the same words from another user: not served
+    c.store("alice", list(range(50)), ["kv-a2"], 100)  # the next turn replaces the conversation's entry
+    assert c.size_bytes == 100 and c.take("alice", list(range(60))) == (50, ["kv-a2"])
+    for name in ("bob", "carol", "dan"):
+        c.store(name, [1] * 20, [name], 100)
+    assert c.size_bytes == 300 and c.take("alice", list(range(60))) == (0, None)  # least recently used out
+    c.store("erin", [1] * 1000, ["huge"], 10_000)  # larger than the whole cache: not kept
     assert c.size_bytes == 300
-    assert c.take(list(range(30)) + [99] * 20)[1] is None  # the least recently used entry (kv-b) was evicted
-    c.store([1] * 1000, ["huge"], 10_000)  # larger than the whole cache: not kept
-    assert c.size_bytes == 300
+    c.drop("bob")
+    c.store("bob", [1] * 20, ["late"], 100)  # an answer that finished after its session closed
+    assert c.take("bob", [1] * 30) == (0, None) and c.size_bytes == 200
 
 
 def test_the_next_turn_prefills_only_its_new_words(engines):
@@ -449,16 +449,18 @@ def test_the_next_turn_prefills_only_its_new_words(engines):
     cache = chat.prefix_cache
     hits, reused = cache.hits, cache.reused_tokens
     conv = Conversation()
-    o = GenerationOptions(max_new_tokens=30)
+    o = GenerationOptions(max_new_tokens=30, conversation="test-zofia")
     answers = []
     for q in ["My name is Zofia and I live in Kraków.", "What is the weather like there in winter?",
               "What is my name?"]:
         conv.add("user", q)
         answers.append("".join(chat.stream(conv.messages("en"), o)))
         conv.add("assistant", answers[-1])
-    assert cache.hits - hits >= 2
+    assert cache.hits - hits == 2
     assert cache.reused_tokens - reused > 100  # the system prompt, the first turns and their answers
     assert "zofia" in answers[-1].lower(), answers
+    chat.forget("test-zofia")
+    assert cache.take("test-zofia", [0] * 100) == (0, None)
 
 
 def test_a_new_turns_first_token_does_not_wait_for_another_sessions_speech():

@@ -22,6 +22,10 @@ class GenerationOptions:
     """Upper bound of tokens per answer (spoken answers are short)."""
     temperature: float = 0.0
     """0 decodes greedily (deterministic)."""
+    conversation: str | None = None
+    """The conversation (session) this answer belongs to: an engine may keep its cache for the conversation's
+    next turn. Caches are never shared between conversations (one user's cache must not answer, or time,
+    another's). None: nothing is kept."""
 
 
 class ChatEngine(Protocol):

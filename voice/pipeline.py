@@ -477,10 +477,12 @@ async def respond(
     max_tokens: int = 80,
     cancel: threading.Event,
     marks: TurnMarks,
+    conversation: str | None = None,
 ) -> AsyncIterator[TextPiece | SpokenClause]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
-    writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token."""
-    opts = GenerationOptions(max_new_tokens=max_tokens)
+    writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token.
+    ``conversation`` (the session id) lets the engine keep this conversation's cache for its next turn."""
+    opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation)
     pieces = llm_pieces(engines, stages, messages, opts, cancel)
     if voice is None:
         async for p in pieces:
