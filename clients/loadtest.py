@@ -3,7 +3,7 @@ for the answer, M turns each. Reports per-stage latency percentiles, replies, er
 table or JSON, and a PNG plot of latency against concurrent sessions when asked.
 
     stemme loadtest --url ws://127.0.0.1:8000 --sessions 1,2,4 --turns 3 [--binary] [--interrupt 0.2]
-                    [--ramp 2] [--duration 300] [--json] [--plot latency.png]
+                    [--ramp 2] [--duration 300] [--languages per-device|mixed] [--json] [--plot latency.png]
 
 It targets loopback by default and stops by itself: at most sessions x turns turns, and --duration seconds.
 """
@@ -173,8 +173,14 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         t0 = time.monotonic()
         deadline = t0 + args.duration
         tasks = []
+        by_lang: dict[str, list[Path]] = {}
+        for f in files:
+            by_lang.setdefault(f.parent.name, []).append(f)
         for i in range(n):
-            tasks.append(asyncio.create_task(device(i, args.url, files, args.turns, binary=args.binary,
+            mine = files
+            if getattr(args, "languages", "per-device") == "per-device":
+                mine = by_lang[sorted(by_lang)[rng.randrange(len(by_lang))]]
+            tasks.append(asyncio.create_task(device(i, args.url, mine, args.turns, binary=args.binary,
                                                     key=args.key, interrupt=args.interrupt, deadline=deadline,
                                                     rng=random.Random(rng.random()), out=rows)))
             if args.ramp and n > 1:
@@ -204,6 +210,9 @@ def add_loadtest_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=600.0, help="hard stop, seconds per level")
     p.add_argument("--binary", action="store_true", help="binary audio frames (else the standard JSON form)")
     p.add_argument("--interrupt", type=float, default=0.0, help="fraction of turns interrupted by the user")
+    p.add_argument("--languages", choices=["per-device", "mixed"], default="per-device",
+                   help="per-device: each simulated user speaks one language (the files of one folder), as real "
+                        "users mostly do; mixed: every turn in a random language (the worst case for caches)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="PNG of latency against concurrent sessions")

@@ -20,7 +20,7 @@ from tests.test_server import ServerThread
 
 def _args(url: str, speech: Path, plot: Path, **kw) -> argparse.Namespace:
     base = dict(url=url, key=None, sessions="2", turns=1, speech=str(speech), ramp=0.0, duration=timeout(150),
-                binary=True, interrupt=0.0, seed=1, json=True, plot=str(plot))
+                binary=True, interrupt=0.0, seed=1, json=True, plot=str(plot), languages="per-device")
     base.update(kw)
     return argparse.Namespace(**base)
 
