@@ -36,22 +36,28 @@ def bench_asr(device: str, sizes: list[int], runs: int) -> list[dict]:
     clips = [read_wav(SPEECH / r["path"]).samples for r in rows]
     opts = AsrOptions(languages=("en", "fr", "de", "es", "it", "pt", "nl", "pl"))
     asr.transcribe(clips[0], opts)
+    return _one_by_one_vs_batch(clips, sizes, runs, lambda c: asr.transcribe(c, opts),
+                                lambda group: asr.transcribe_batch(group, [opts] * len(group)))
+
+
+def _one_by_one_vs_batch(items: list, sizes: list[int], runs: int, one, batch) -> list[dict]:  # noqa: ANN001
+    """For each N: the time the first and the last of N requests wait one by one, and one batch of N."""
     out = []
     for n in sizes:
-        seq_last, seq_first, batch = [], [], []
+        seq_last, seq_first, batched = [], [], []
         for r in range(runs):
-            group = [clips[(r * n + i) % len(clips)] for i in range(n)]
+            group = [items[(r * n + i) % len(items)] for i in range(n)]
             t = time.perf_counter()
-            for i, c in enumerate(group):
-                asr.transcribe(c, opts)
+            for i, x in enumerate(group):
+                one(x)
                 if i == 0:
                     seq_first.append(time.perf_counter() - t)
             seq_last.append(time.perf_counter() - t)
             t = time.perf_counter()
-            asr.transcribe_batch(group, [opts] * n)
-            batch.append(time.perf_counter() - t)
+            batch(group)
+            batched.append(time.perf_counter() - t)
         out.append({"sessions": n, "one_by_one_first_s": seq_first, "one_by_one_last_s": seq_last,
-                    "batch_s": batch})
+                    "batch_s": batched})
     return out
 
 
@@ -67,23 +73,8 @@ def bench_tts(device: str, sizes: list[int], runs: int) -> list[dict]:
     tts = load_tts(EngineConfig.from_env(device=device))
     voice = tts.registry.resolve("en", "piper:en_US-joe-medium")
     tts.synthesize_batch(CLAUSES[:2], voice)  # builds the batch graph once
-    out = []
-    for n in sizes:
-        seq_first, seq_last, batch = [], [], []
-        for r in range(runs):
-            group = [CLAUSES[(r + i) % len(CLAUSES)] for i in range(n)]
-            t = time.perf_counter()
-            for i, c in enumerate(group):
-                tts.synthesize(c, voice)
-                if i == 0:
-                    seq_first.append(time.perf_counter() - t)
-            seq_last.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            tts.synthesize_batch(group, voice)
-            batch.append(time.perf_counter() - t)
-        out.append({"sessions": n, "one_by_one_first_s": seq_first, "one_by_one_last_s": seq_last,
-                    "batch_s": batch})
-    return out
+    return _one_by_one_vs_batch(CLAUSES, sizes, runs, lambda c: tts.synthesize(c, voice),
+                                lambda group: tts.synthesize_batch(group, voice))
 
 
 def _print_groups(title: str, rows: list[dict]) -> None:
