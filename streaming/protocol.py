@@ -117,14 +117,26 @@ class TurnDetection:
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    eagerness: str = "auto"
+    """semantic_vad: low, medium, high or auto (medium)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+        out = {"type": self.type, "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+               "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
+               "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+        if self.type == "semantic_vad":
+            out["eagerness"] = self.eagerness
+        return out
+
+    def semantic(self) -> tuple[int, float]:
+        """semantic_vad with the end-of-turn model: (the silence that ends an incomplete turn in ms, the
+        probability at which a 200 ms pause ends a turn). Low eagerness waits longer and wants more certainty."""
+        return _EAGERNESS_MODEL.get(self.eagerness, _EAGERNESS_MODEL["auto"])
 
 
 _EAGERNESS_SILENCE = {"low": 900, "medium": 600, "auto": 600, "high": 350}
+"""semantic_vad without the end-of-turn model: the silence that ends a turn."""
+_EAGERNESS_MODEL = {"low": (2000, 0.7), "medium": (1200, 0.5), "auto": (1200, 0.5), "high": (700, 0.3)}
 
 
 @dataclass
@@ -218,7 +230,10 @@ class SessionConfig:
                 except (TypeError, ValueError):
                     raise bad("turn_detection numbers are malformed", "audio.input.turn_detection") from None
                 if td["type"] == "semantic_vad":
-                    t.silence_duration_ms = _EAGERNESS_SILENCE.get(str(td.get("eagerness", "auto")), 600)
+                    t.eagerness = str(td.get("eagerness", "auto"))
+                    if t.eagerness not in _EAGERNESS_SILENCE:
+                        raise bad("eagerness must be low, medium, high or auto", "audio.input.turn_detection")
+                    t.silence_duration_ms = _EAGERNESS_SILENCE[t.eagerness]
                 t.create_response = bool(td.get("create_response", True))
                 t.interrupt_response = bool(td.get("interrupt_response", True))
                 if not (0.0 < t.threshold < 1.0) or not (0 <= t.prefix_padding_ms <= 2000) or not (

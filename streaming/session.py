@@ -226,13 +226,18 @@ class Session:
             self._buffer.append(x)
             self._buffer_samples += len(x)
             return
+        loop = asyncio.get_running_loop()
         if self._vad is None:
-            self._vad = VadStream(self.engines.vad, VadOptions(
-                threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                silence_duration_ms=td.silence_duration_ms, max_speech_s=self.max_turn_seconds))
+            opts = VadOptions(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                              silence_duration_ms=td.silence_duration_ms, max_speech_s=self.max_turn_seconds)
+            turn = None
+            if td.type == "semantic_vad":
+                turn = await loop.run_in_executor(self.stages.vad, lambda: self.engines.turn)
+                if turn is not None:
+                    opts.silence_duration_ms, opts.complete_threshold = td.semantic()
+            self._vad = VadStream(self.engines.vad, opts, turn.probability if turn is not None else None)
             self._vad_offset = self._samples_in - len(x)
         vad = self._vad
-        loop = asyncio.get_running_loop()
         events = await loop.run_in_executor(self.stages.vad, vad.feed, x)
         for ev in events:
             if isinstance(ev, SpeechStarted):
@@ -255,6 +260,8 @@ class Session:
                 end_ms = ev.audio_end_ms + self._offset_ms()
                 self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms, "item_id": item_id})
                 marks = TurnMarks(speech_end=self._arrival_of(end_ms), turn_detected=time.perf_counter())
+                if vad.last_probability is not None:
+                    marks.extra["end_of_turn_probability"] = round(vad.last_probability, 3)
                 self._commit_audio(ev.audio, item_id, marks, create_response=td.create_response)
 
     def _offset_ms(self) -> int:

@@ -369,3 +369,32 @@ async def test_stemme_talk_device_client(server, tmp_path):
 
     data, rate = sf.read(row["reply_wav"])
     assert rate == 24000 and len(data) / rate > 0.5
+
+
+async def test_semantic_vad_ends_a_complete_sentence_at_a_short_pause(server):
+    """semantic_vad with the end-of-turn model: a complete sentence is answered after 200 ms of silence, not
+    after the 500 ms server_vad would wait; the latency report carries the model's answer."""
+    async with RealtimeClient(server.url) as c:
+        await c.wait_for("session.created")
+        updated = await c.configure(extra={})
+        assert updated["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        session = {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad",
+                                                                              "eagerness": "auto"}}}}
+        await c.send({"type": "session.update", "session": session})
+        td = (await c.wait_for("session.updated"))["session"]["audio"]["input"]["turn_detection"]
+        assert td["type"] == "semantic_vad" and td["eagerness"] == "auto"
+        r = await c.talk(_speech("en/asterisk_tt-weasels.wav"), timeout=timeout(120))
+    assert r.status == "completed" and r.reply.strip()
+    assert "weasel" in r.transcript.lower()
+    assert r.latency["end_of_turn_probability"] > 0.5
+    assert r.latency["end_of_turn_ms"] < 400, r.latency
+
+
+async def test_semantic_vad_eagerness_is_checked(server):
+    async with RealtimeClient(server.url) as c:
+        await c.wait_for("session.created")
+        bad = {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad",
+                                                                          "eagerness": "impatient"}}}}
+        await c.send({"type": "session.update", "session": bad})
+        err = await c.wait_for("error")
+        assert "eagerness" in err["error"]["message"]

@@ -89,3 +89,53 @@ def test_silero_stays_quiet_on_silence_and_noise(engines):
     x = np.concatenate([np.zeros(16000, np.float32), (rng.standard_normal(32000) * 0.003).astype(np.float32)])
     assert feed_in_chunks(vad, x) == []
     assert FRAME == 512
+
+
+class FakeEndOfTurn:
+    """Fake end-of-turn model for logic tests: answers a fixed probability and records the audio it heard."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.heard: list[int] = []
+
+    def __call__(self, audio):
+        self.heard.append(len(audio))
+        return self.p
+
+
+def test_a_complete_turn_ends_at_the_first_pause_and_an_incomplete_one_waits():
+    x = _signal([(False, 0.5), (True, 1.0), (False, 2.5)])
+    opts = VadOptions(silence_duration_ms=1200, trailing_ms=200, complete_threshold=0.5)
+    sure = FakeEndOfTurn(0.9)
+    ev = feed_in_chunks(VadStream(FakeSpeechModel(), opts, sure), x, paused=True)
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechStopped]  # no pause event: the turn just ended
+    ended_early = ev[1]
+    unsure = FakeEndOfTurn(0.1)
+    vad = VadStream(FakeSpeechModel(), opts, unsure)
+    ev = feed_in_chunks(vad, x, paused=True)
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechPaused, SpeechStopped]
+    assert vad.last_probability == 0.1 and len(sure.heard) == len(unsure.heard) == 1
+    # the same utterance either way; only the moment differs (200 ms against 1200 ms of silence)
+    assert np.array_equal(ended_early.audio, ev[2].audio)
+    assert ended_early.audio_end_ms == ev[2].audio_end_ms
+
+
+def test_the_end_of_turn_model_is_asked_at_every_pause():
+    eot = FakeEndOfTurn(0.2)
+    vad = VadStream(FakeSpeechModel(), VadOptions(silence_duration_ms=1000, trailing_ms=200), eot)
+    ev = feed_in_chunks(vad, _signal([(False, 0.3), (True, 0.8), (False, 0.4), (True, 0.8), (False, 1.5)]))
+    assert [type(e) for e in ev] == [SpeechStarted, SpeechStopped]
+    assert len(eot.heard) == 2 and eot.heard[0] < eot.heard[1]
+
+
+def test_smart_turn_hears_complete_and_cut_sentences():
+    """The real end-of-turn model: a whole sentence followed by 200 ms of silence is complete; its first half
+    is not (two clips where the half ends inside a clause)."""
+    from stemme.models.smart_turn import SmartTurn
+
+    model = SmartTurn()
+    for path in ("en/asterisk_tt-weasels.wav", "fr/asterisk_conf-onlyperson.wav"):
+        audio = read_wav(SPEECH / path).samples
+        pause = np.zeros(3200, np.float32)
+        assert model.probability(np.concatenate([audio, pause])) > 0.8, path
+        assert model.probability(np.concatenate([audio[: len(audio) // 2], pause])) < 0.3, path

@@ -6,6 +6,7 @@ before the detected start) and ``silence_duration_ms`` (silence that ends the tu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,7 +36,10 @@ class VadOptions:
     max_speech_s: float = 30.0
     """An utterance is cut (ended) after this long."""
     trailing_ms: int = 200
-    """Silence kept after the last voiced frame in the utterance audio."""
+    """Silence kept after the last voiced frame in the utterance audio; also the pause after which the
+    end-of-turn model (when there is one) is asked whether the turn is complete."""
+    complete_threshold: float = 0.5
+    """With an end-of-turn model: the probability at or above which a pause ends the turn at once."""
 
     @property
     def neg_threshold(self) -> float:
@@ -71,11 +75,19 @@ VadEvent = SpeechStarted | SpeechStopped | SpeechPaused
 
 
 class VadStream:
-    """Per-stream VAD state over a shared model. Not thread-safe: one stream per session."""
+    """Per-stream VAD state over a shared model. Not thread-safe: one stream per session.
 
-    def __init__(self, model: SpeechModel, options: VadOptions | None = None) -> None:
+    With ``end_of_turn`` (audio -> probability that the speaker has finished; semantic turn detection), the
+    first pause of ``trailing_ms`` asks it: a complete turn ends there, at once; an incomplete one waits for
+    the full ``silence_duration_ms`` (which semantic_vad sets longer than server_vad's)."""
+
+    def __init__(self, model: SpeechModel, options: VadOptions | None = None,
+                 end_of_turn: Callable[[np.ndarray], float] | None = None) -> None:
         self.model = model
         self.options = options or VadOptions()
+        self.end_of_turn = end_of_turn
+        self.last_probability: float | None = None
+        """The end-of-turn model's answer at the last pause (None without a model)."""
         self._state = model.new_state()
         self._pending = np.zeros(0, dtype=np.float32)
         self._history: list[np.ndarray] = []
@@ -164,10 +176,16 @@ class VadStream:
                     self._utterance = []
                 continue
             if self._speaking:
+                complete = False
                 if self._silence_run == trail_frames and trail_frames < silence_end:
-                    events.append(SpeechPaused(np.concatenate(self._utterance)))
+                    audio = np.concatenate(self._utterance)
+                    if self.end_of_turn is not None:
+                        self.last_probability = self.end_of_turn(audio)
+                        complete = self.last_probability >= o.complete_threshold
+                    if not complete:
+                        events.append(SpeechPaused(audio))
                 length = idx - self._start_frame + 1
-                if self._silence_run >= silence_end or length >= max_frames:
+                if complete or self._silence_run >= silence_end or length >= max_frames:
                     keep = len(self._utterance) - max(0, self._silence_run - trail_frames)
                     audio = np.concatenate(self._utterance[:keep]) if keep > 0 else np.zeros(0, np.float32)
                     events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio,
