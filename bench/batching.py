@@ -118,31 +118,28 @@ def _streams(chat, scheduler_max_batch: int, n: int, tokens: int) -> dict:
             "total_tok_s": sum(count.values()) / total, "batch_sizes": dict(sched.batch_sizes)}
 
 
+class Interleaved:
+    """An engine without its batch decoder: the scheduler interleaves its streams token by token."""
+
+    batches, interleaves = False, True
+
+    def __init__(self, engine) -> None:  # noqa: ANN001
+        self.stream = engine.stream
+
+
 def bench_llm(device: str, sizes: list[int], runs: int, tokens: int) -> list[dict]:
     from stemme.models import export
     from stemme.models.llm_transformers import TransformersChat
 
     hf = TransformersChat(export.llm_model_dir("transformers", "qwen2.5-coder-0.5b", None), device=device)
-
-    class Interleaved:
-        """The same engine without its batch decoder: the scheduler interleaves its streams token by token."""
-
-        name, batches, interleaves = "transformers-interleaved", False, True
-        stream = staticmethod(hf.stream)
-
-    engines = {"transformers-batched": hf, "transformers-interleaved": Interleaved()}
+    engines = {"transformers-batched": hf, "transformers-interleaved": Interleaved(hf)}
     if device == "cpu":
         from stemme.config import EngineConfig
         from stemme.engines import load_llm
 
         onnx = load_llm(EngineConfig.from_env(llm_backend="onnxruntime", device="cpu"))
-
-        class OnnxInterleaved:
-            name, batches, interleaves = "onnxruntime-interleaved", False, True
-            stream = staticmethod(onnx.stream)
-
         engines["onnxruntime-batched"] = onnx
-        engines["onnxruntime-interleaved"] = OnnxInterleaved()
+        engines["onnxruntime-interleaved"] = Interleaved(onnx)
         engines["ort-genai-interleaved"] = load_llm(EngineConfig.from_env(llm_backend="ort-genai", device="cpu"))
     out = []
     for name, chat in engines.items():

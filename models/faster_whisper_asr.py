@@ -157,11 +157,7 @@ class FasterWhisperRecognizer:
         audio = np.asarray(audio, dtype=np.float32)
         t = time.perf_counter()
         if self.fits_short(audio):
-            with self._lock:
-                text, language, prob = self._short_batch([audio], [o])[0]
-            return Transcript(text=text, language=language, language_probability=prob,
-                              audio_seconds=len(audio) / 16000, seconds=time.perf_counter() - t,
-                              segments=[(0.0, len(audio) / 16000, text)])
+            return self.transcribe_batch([audio], [o])[0]
         with self._lock:
             language = o.language
             prob = 1.0

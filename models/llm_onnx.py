@@ -54,9 +54,7 @@ class OnnxChat:
                 "CPUExecutionProvider"]
             self.session = ort.InferenceSession(str(model_dir / dec.get("filename", "model.onnx")), so,
                                                 providers=providers)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot load the ONNX model at {model_dir}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        except Exception as e:  # noqa: BLE001 - a bad config (OSError, KeyError...) or onnxruntime's own errors
             raise ModelLoadError(f"cannot load the ONNX model at {model_dir}: {e}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = _DTYPES.get(inputs["past_key_values.0.key"].type, np.float32)

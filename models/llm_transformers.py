@@ -53,6 +53,14 @@ class TransformersChat:
         out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache}, **kw)
         return out.logits[:, -1], getattr(out, "cache", None) or out.past_key_values
 
+    def pick(self, logits, options: GenerationOptions) -> int:  # noqa: ANN001
+        """The next token from one row's logits: greedy at temperature 0, else softmax sampling."""
+        torch = self.torch
+        if options.temperature > 0:
+            probs = torch.softmax(logits.float() / options.temperature, dim=-1)
+            return int(torch.multinomial(probs, 1))
+        return int(torch.argmax(logits))
+
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
         torch = self.torch
@@ -66,12 +74,7 @@ class TransformersChat:
                 if cancel is not None and cancel.is_set():
                     return
                 logits, past = self.forward(x, past)
-                logits = logits[0]
-                if o.temperature > 0:
-                    probs = torch.softmax(logits.float() / o.temperature, dim=-1)
-                    tok = int(torch.multinomial(probs, 1))
-                else:
-                    tok = int(torch.argmax(logits))
+                tok = self.pick(logits[0], o)
                 if tok in self.tokenizer.eos:
                     return
                 piece = dec.push(tok)
@@ -100,16 +103,7 @@ class BatchDecoder(BatchDecoderBase):
         self._mask = None
 
     def _pick(self, logits, rows: list[Row]) -> list[int]:  # noqa: ANN001
-        torch = self.chat.torch
-        out = []
-        for i, row in enumerate(rows):
-            lg = logits[i]
-            if row.options.temperature > 0:
-                probs = torch.softmax(lg.float() / row.options.temperature, dim=-1)
-                out.append(int(torch.multinomial(probs, 1)))
-            else:
-                out.append(int(torch.argmax(lg)))
-        return out
+        return [self.chat.pick(logits[i], row.options) for i, row in enumerate(rows)]
 
     def _prefill(self, row: Row) -> int:
         torch = self.chat.torch

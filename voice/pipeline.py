@@ -89,23 +89,25 @@ class _Group:
         st.gen = row
         self.streams[id(row)] = st
 
+    def _end(self, st: _Stream, exc: BaseException | None = None) -> None:
+        """The stream leaves the batch (a finished row has left already) and its consumer is told."""
+        self.streams.pop(id(st.gen), None)
+        self.decoder.remove(st.gen)
+        if exc is not None:
+            st.put(exc)
+        st.put(None)
+
     def drop_cancelled(self) -> None:
-        for key, st in list(self.streams.items()):
-            if st.cancel.is_set():
-                self.decoder.remove(st.gen)
-                del self.streams[key]
-                st.put(None)
+        for st in [s for s in self.streams.values() if s.cancel.is_set()]:
+            self._end(st)
 
     def step(self) -> int:
         """One batched step; returns how many streams it served."""
         try:
             events = self.decoder.step()
         except BaseException as e:  # noqa: BLE001 - handed to every stream's consumer
-            for st in self.streams.values():
-                self.decoder.remove(st.gen)
-                st.put(e)
-                st.put(None)
-            self.streams.clear()
+            for st in list(self.streams.values()):
+                self._end(st, e)
             return 0
         for row, piece, done in events:
             st = self.streams.get(id(row))
@@ -114,25 +116,22 @@ class _Group:
             if piece:
                 st.put(piece)
             if done:
-                del self.streams[id(row)]
-                st.put(None)
+                self._end(st)
         return len(events)
 
     def close(self) -> None:
-        for st in self.streams.values():
-            self.decoder.remove(st.gen)
-            st.put(None)
-        self.streams.clear()
+        for st in list(self.streams.values()):
+            self._end(st)
 
 
 class LlmScheduler:
     """One thread runs every session's generation, a token at a time from each stream in turn, so that a new
     turn's first token does not wait for another session's whole answer; a new stream's first step (the
-    prompt) goes first. Backends that decode many streams in one pass (``batches = True``: transformers, the
-    GPU backend) serve all their streams in one batched step per turn of the round (continuous batching, up to
-    ``max_batch`` streams). Backends that cannot interleave (``interleaves = False``: CTranslate2 serves one
-    request at a time) run their streams one after the other. Work is first come, first served between
-    sessions, and a session has at most one stream."""
+    prompt) goes first. Backends that decode many streams in one pass (``batches = True``: onnxruntime, the
+    CPU default, and transformers, the GPU backend) serve all their streams in one batched step per turn of
+    the round (continuous batching, up to ``max_batch`` streams). Backends that cannot interleave
+    (``interleaves = False``: CTranslate2 serves one request at a time) run their streams one after the
+    other. Work is first come, first served between sessions, and a session has at most one stream."""
 
     def __init__(self, priority: TtsPriority, *, max_batch: int = 8) -> None:
         self.priority = priority
@@ -307,10 +306,8 @@ class Stages:
     session's VAD) and each engine's threads are budgeted on their own. ASR requests of different sessions are
     micro-batched when ``asr_batching.max_batch`` > 1; the LLM scheduler batches streams of batching backends."""
 
-    def __init__(self, options: StageOptions | None = None, *, tts_priority: bool | None = None) -> None:
+    def __init__(self, options: StageOptions | None = None) -> None:
         self.options = options or StageOptions()
-        if tts_priority is not None:
-            self.options.tts_priority = tts_priority
         self.priority = TtsPriority(self.options.tts_priority)
         self.vad = ThreadPoolExecutor(1, thread_name_prefix="stemme-vad")
         self.asr = MicroBatcher(_transcribe_batch, options=self.options.asr_batching, key=_asr_key, name="asr")
