@@ -10,11 +10,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import compress
 from typing import Any
 
 from stemme.voice import languages
+
+from stemme.logsafe import clip
 
 MAX_TEXT_MESSAGE = 1 << 20
 """Bytes: the largest JSON message accepted (about 20 s of 24 kHz base64 audio); larger gets an error event."""
@@ -61,40 +66,167 @@ def error_event(err: ProtocolError) -> dict[str, Any]:
         "event_id": err.event_id}}
 
 
-def parse_text(data: str | bytes) -> dict[str, Any]:
-    """Parse one JSON client message; raise ProtocolError for anything malformed."""
-    if len(data) > MAX_TEXT_MESSAGE:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {MAX_TEXT_MESSAGE} bytes",
+MAX_JSON_DEPTH = 32
+"""Nesting levels of objects and arrays in one client event (the Realtime events need 6); deeper gets an
+error event, and JSON too deep for the parser's own recursion is caught, never fatal."""
+MAX_JSON_CONTAINERS = 10_000
+"""Objects and arrays in one client event (a Realtime event has tens); more gets an error event."""
+MAX_NAME_CHARS = 256
+"""Characters of a name the client chooses and the server repeats (voice, model, event_id)."""
+
+
+_CONTAINERS = frozenset((dict, list))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Invalid(ValueError):
+    """A field of a client payload is invalid; its caller turns it into a ProtocolError with context."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def message_size(data: str | bytes) -> int:
+    """Bytes of a message on the wire (UTF-8), whatever Python type it arrives as. ``str.isascii`` is O(1),
+    so only a non-ASCII text within the character limit is encoded to count it."""
+    if isinstance(data, bytes) or data.isascii() or len(data) > MAX_TEXT_MESSAGE:
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {clip(text, 40)} is out of range")
+    return x
+
+
+def _encodes(value: Any) -> bool:
+    """Whether ``value`` (any parsed JSON) can go back on the wire: no lone surrogate in any string or key."""
+    if isinstance(value, str) and value.isascii():
+        return True
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_strings(data: str | bytes, event: dict[str, Any]) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) anywhere: it is not text, and repeating it would fail at send
+    time. A message holds one only as a ``\\u`` escape (UTF-8 off the wire cannot carry one) or, from a
+    caller in Python, as a raw character: both are searched in C, and only then is the event encoded."""
+    escaped = "\\u" in data if isinstance(data, str) else b"\\u" in data
+    if not escaped and not (isinstance(data, str) and _SURROGATE.search(data)) or _encodes(event):
+        return
+    bad = next((k for k, v in event.items() if not _encodes(k) or not _encodes(v)), "?")
+    raise _Invalid(f"'{clip(bad, 40)}' holds a lone surrogate (\\ud800-\\udfff), which is not text", "")
+
+
+def _check_shape(value: Any) -> None:
+    """Depth and number of the objects and arrays of a parsed event, one level at a time without recursion;
+    scalars are skipped in C (``compress``), so a list of 500,000 numbers costs no Python loop."""
+    level, depth, seen = [value], 1, 1
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise _Invalid(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "")
+        if seen > MAX_JSON_CONTAINERS:
+            raise _Invalid(f"more than {MAX_JSON_CONTAINERS} objects and arrays in one event", "")
+        below: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            below.extend(compress(children, map(_CONTAINERS.__contains__, map(type, children))))
+        level, depth, seen = below, depth + 1, seen + len(below)
+
+
+def _clean_id(event: Any) -> str | None:
+    """The client's event_id, when it is safe to repeat in an error event."""
+    eid = event.get("event_id") if isinstance(event, dict) else None
+    if not isinstance(eid, str) or len(eid) > MAX_NAME_CHARS:
+        return None
+    try:
+        eid.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return eid
+
+
+def _decode(data: str | bytes) -> Any:
+    size = message_size(data)
+    if size > MAX_TEXT_MESSAGE:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {MAX_TEXT_MESSAGE} bytes",
                             code="message_too_large")
     try:
-        event = json.loads(data)
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ProtocolError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"malformed JSON: {e}", code="invalid_json") from None
+        raise ProtocolError(f"malformed JSON: {clip(e, 160)}", code="invalid_json") from None
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    """One server event as JSON text that can go on the wire. A string that is not valid Unicode (a lone
+    surrogate from anywhere) is sent escaped (``\\ud800``, as JSON allows) rather than fail in the writer
+    and drop the connection. TypeError or ValueError: the event holds something that is not JSON (a bug)."""
+    data = json.dumps(event, ensure_ascii=False)
+    if data.isascii():
+        return data
+    try:
+        data.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(event)
+    return data
+
+
+def parse_text(data: str | bytes) -> dict[str, Any]:
+    """Parse one JSON client message; raise ProtocolError for anything malformed: too many bytes, bad JSON,
+    too deep, a number JSON does not allow (NaN, Infinity, 1e309), a lone surrogate in any string, a
+    missing or unknown type. Nothing is changed before this returns."""
+    event = _decode(data)
     if not isinstance(event, dict):
         raise ProtocolError("an event must be a JSON object", code="invalid_event")
+    try:
+        _check_shape(event)
+    except _Invalid as e:
+        raise ProtocolError(str(e), code="invalid_json", event_id=_clean_id(event)) from None
+    try:
+        _check_strings(data, event)
+    except _Invalid as e:
+        raise ProtocolError(str(e), code="invalid_string", event_id=_clean_id(event)) from None
     event_id = event.get("event_id")
-    if event_id is not None and not isinstance(event_id, str):
-        raise ProtocolError("event_id must be a string", param="event_id", code="invalid_type")
+    if event_id is not None and (not isinstance(event_id, str) or len(event_id) > MAX_NAME_CHARS):
+        raise ProtocolError(f"event_id must be a string of at most {MAX_NAME_CHARS} characters", param="event_id",
+                            code="invalid_type")
     etype = event.get("type")
     if not isinstance(etype, str):
         raise ProtocolError("missing or non-string 'type'", param="type", event_id=event_id,
                             code="invalid_event")
     if etype not in CLIENT_EVENTS:
-        raise ProtocolError(f"unknown event type {etype!r}", param="type", event_id=event_id,
+        raise ProtocolError(f"unknown event type '{clip(etype)}'", param="type", event_id=event_id,
                             code="unknown_event_type")
+    prev = event.get("previous_item_id")
+    if prev is not None and not isinstance(prev, str):
+        raise ProtocolError(f"{etype}: 'previous_item_id' must be a string", param="previous_item_id",
+                            event_id=event_id, code="invalid_type")
     return event
 
 
 def field_of(event: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = True,
              default: Any = None) -> Any:
+    """``event[name]`` checked to be of ``kind`` (a boolean is never taken for a number)."""
     value = event.get(name, default)
     if value is None:
         if required:
             raise ProtocolError(f"{event['type']}: missing '{name}'", param=name, event_id=event.get("event_id"),
                                 code="missing_required_parameter")
         return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise ProtocolError(f"{event['type']}: '{name}' must be {' or '.join(k.__name__ for k in kinds)}",
                             param=name, event_id=event.get("event_id"), code="invalid_type")
     return value
@@ -107,6 +239,65 @@ def decode_audio(event: dict[str, Any]) -> bytes:
     except (binascii.Error, ValueError):
         raise ProtocolError("input_audio_buffer.append: 'audio' is not valid base64", param="audio",
                             event_id=event.get("event_id"), code="invalid_base64") from None
+
+
+def _number(value: Any, lo: float, hi: float, param: str) -> float:
+    """A JSON number within lo..hi: booleans, strings, NaN and infinities are refused. Compared before any
+    conversion, so that an integer of 400 digits is out of range, not an OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"{param} must be a number", param)
+    if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
+        raise _Invalid(f"{param} must be in {lo:g}..{hi:g}", param)
+    return float(value)
+
+
+def _name(value: Any, param: str) -> str:
+    """A name the client picks (voice, model): a string of printable characters, not too long."""
+    if not isinstance(value, str):
+        raise _Invalid(f"{param} must be a string", param)
+    if len(value) > MAX_NAME_CHARS or not value.isprintable():
+        raise _Invalid(f"{param} must be at most {MAX_NAME_CHARS} printable characters", param)
+    return value
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    """An optional JSON object: absent or null is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"'{param}' must be an object", param)
+    return value
+
+
+def _modalities(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or any(not isinstance(m, str) or m not in ("audio", "text")
+                                                        for m in value):
+        raise _Invalid("'output_modalities' must be ['audio'] or ['text']", param)
+    return ["audio"] if "audio" in value else ["text"]
+
+
+def _max_tokens(value: Any, param: str) -> int | None:
+    """``max_output_tokens``: 1..4096, or "inf" (None: no cap of its own)."""
+    if value == "inf":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+        raise _Invalid("max_output_tokens must be an integer in 1..4096 or 'inf'", param)
+    return value
+
+
+def _text(value: Any, param: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _Invalid(f"'{param}' must be a string", param)
+    return value
+
+
+def _flag(value: Any, param: str) -> bool:
+    """A boolean that defaults to true when absent or null."""
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise _Invalid(f"{param} must be true or false", param)
+    return value
 
 
 @dataclass
@@ -132,6 +323,33 @@ class TurnDetection:
         """semantic_vad with the end-of-turn model: (the silence that ends an incomplete turn in ms, the
         probability at which a 200 ms pause ends a turn). Low eagerness waits longer and wants more certainty."""
         return _EAGERNESS_MODEL.get(self.eagerness, _EAGERNESS_MODEL["auto"])
+
+    @classmethod
+    def from_json(cls, td: Any, current: TurnDetection | None) -> TurnDetection | None:
+        """A ``turn_detection`` object (or null: off), every value checked; unset numbers keep ``current``'s."""
+        param = "audio.input.turn_detection"
+        if td is None:
+            return None
+        if not isinstance(td, dict) or td.get("type") not in ("server_vad", "semantic_vad"):
+            raise _Invalid("turn_detection must be null or of type server_vad / semantic_vad", param)
+        cur = current or cls()
+        t = cls(type=td["type"])
+        t.threshold = _number(td.get("threshold", cur.threshold), 0.0, 1.0, f"{param}.threshold")
+        t.prefix_padding_ms = int(_number(td.get("prefix_padding_ms", cur.prefix_padding_ms), 0, 2000,
+                                          f"{param}.prefix_padding_ms"))
+        t.silence_duration_ms = int(_number(td.get("silence_duration_ms", cur.silence_duration_ms), 100, 5000,
+                                            f"{param}.silence_duration_ms"))
+        if not 0.0 < t.threshold < 1.0:
+            raise _Invalid("turn_detection threshold must be between 0 and 1 (exclusive)", f"{param}.threshold")
+        if t.type == "semantic_vad":
+            eagerness = td.get("eagerness", "auto")
+            if not isinstance(eagerness, str) or eagerness not in _EAGERNESS_SILENCE:
+                raise _Invalid("eagerness must be low, medium, high or auto", f"{param}.eagerness")
+            t.eagerness = eagerness
+            t.silence_duration_ms = _EAGERNESS_SILENCE[eagerness]
+        t.create_response = _flag(td.get("create_response"), f"{param}.create_response")
+        t.interrupt_response = _flag(td.get("interrupt_response"), f"{param}.interrupt_response")
+        return t
 
 
 _EAGERNESS_SILENCE = {"low": 900, "medium": 600, "auto": 600, "high": 350}
@@ -161,110 +379,94 @@ class SessionConfig:
     beta_names: bool = False
 
     def apply(self, session: dict[str, Any], event_id: str | None = None) -> None:
-        """Apply a ``session.update`` payload (GA shape, and the beta flat fields); validate every field."""
+        """Apply a ``session.update`` payload (GA shape, and the beta flat fields). Every field is checked on
+        a copy first: on any invalid value nothing changes and a ProtocolError names the field."""
+        try:
+            new = self._updated(session)
+        except _Invalid as e:
+            raise ProtocolError(f"session.update: {e}", param=f"session.{e.param}".rstrip("."), event_id=event_id,
+                                code="invalid_value") from None
+        self.__dict__.update(new.__dict__)
 
-        def bad(msg: str, param: str) -> ProtocolError:
-            return ProtocolError(f"session.update: {msg}", param=f"session.{param}", event_id=event_id,
-                                 code="invalid_value")
-
+    def _updated(self, session: Any) -> SessionConfig:
         if not isinstance(session, dict):
-            raise bad("'session' must be an object", "")
-        new = SessionConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+            raise _Invalid("'session' must be an object", "")
+        new = replace(self)
+        audio = _object(session.get("audio"), "audio")
+        inp, out = _object(audio.get("input"), "audio.input"), _object(audio.get("output"), "audio.output")
         if "instructions" in session:
-            if session["instructions"] is not None and not isinstance(session["instructions"], str):
-                raise bad("'instructions' must be a string", "instructions")
-            new.instructions = session["instructions"]
+            new.instructions = _text(session["instructions"], "instructions")
         mods = session.get("output_modalities", session.get("modalities"))
         if mods is not None:
-            if not isinstance(mods, list) or not mods or any(m not in ("audio", "text") for m in mods):
-                raise bad("'output_modalities' must be ['audio'] or ['text']", "output_modalities")
-            new.output_modalities = ["audio"] if "audio" in mods else ["text"]
-        audio = session.get("audio") or {}
-        if not isinstance(audio, dict):
-            raise bad("'audio' must be an object", "audio")
-        inp = audio.get("input") or {}
-        out = audio.get("output") or {}
-        if not isinstance(inp, dict) or not isinstance(out, dict):
-            raise bad("'audio.input' and 'audio.output' must be objects", "audio")
-        fmt = inp.get("format")
-        if "input_audio_format" in session:  # beta
-            fmt = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
-                   "g711_alaw": {"type": "audio/pcma"}}.get(session["input_audio_format"], {"type": "?"})
-        if fmt is not None:
-            if not isinstance(fmt, dict) or fmt.get("type") not in ("audio/pcm", "audio/pcmu", "audio/pcma"):
-                raise bad("audio.input.format.type must be audio/pcm, audio/pcmu or audio/pcma", "audio.input.format")
-            new.input_format = fmt["type"]
-            rate = fmt.get("rate", 24000 if fmt["type"] == "audio/pcm" else 8000)
-            if fmt["type"] == "audio/pcm" and rate not in (16000, 24000):
-                raise bad("audio/pcm input rate must be 16000 or 24000", "audio.input.format.rate")
-            new.input_rate = int(rate) if fmt["type"] == "audio/pcm" else 8000
-        ofmt = out.get("format")
-        if ofmt is not None and (not isinstance(ofmt, dict) or ofmt.get("type") != "audio/pcm"
-                                 or ofmt.get("rate", 24000) != 24000):
-            raise bad("output format must be audio/pcm at 24000 Hz", "audio.output.format")
-        trans = inp.get("transcription", session.get("input_audio_transcription"))
-        if trans is not None:
-            if not isinstance(trans, dict):
-                raise bad("'transcription' must be an object", "audio.input.transcription")
-            lang = trans.get("language")
-            if lang is not None and not isinstance(lang, str):
-                raise bad("transcription.language must be a string", "audio.input.transcription.language")
-            new.transcription_language = languages.normalise(lang)
-            if isinstance(trans.get("model"), str):
-                new.transcription_model = trans["model"]
-        td_key_present = "turn_detection" in inp or "turn_detection" in session
-        if td_key_present:
+            new.output_modalities = _modalities(mods, "output_modalities")
+        new._set_input_format(session, inp)
+        _check_output_format(out.get("format"))
+        new._set_transcription(inp.get("transcription", session.get("input_audio_transcription")))
+        if "turn_detection" in inp or "turn_detection" in session:
             td = inp["turn_detection"] if "turn_detection" in inp else session["turn_detection"]
-            if td is None:
-                new.turn_detection = None
-            elif not isinstance(td, dict) or td.get("type") not in ("server_vad", "semantic_vad"):
-                raise bad("turn_detection must be null or of type server_vad / semantic_vad",
-                          "audio.input.turn_detection")
-            else:
-                cur = new.turn_detection or TurnDetection()
-                t = TurnDetection(type=td["type"])
-                try:
-                    t.threshold = float(td.get("threshold", cur.threshold))
-                    t.prefix_padding_ms = int(td.get("prefix_padding_ms", cur.prefix_padding_ms))
-                    t.silence_duration_ms = int(td.get("silence_duration_ms", cur.silence_duration_ms))
-                except (TypeError, ValueError):
-                    raise bad("turn_detection numbers are malformed", "audio.input.turn_detection") from None
-                if td["type"] == "semantic_vad":
-                    t.eagerness = str(td.get("eagerness", "auto"))
-                    if t.eagerness not in _EAGERNESS_SILENCE:
-                        raise bad("eagerness must be low, medium, high or auto", "audio.input.turn_detection")
-                    t.silence_duration_ms = _EAGERNESS_SILENCE[t.eagerness]
-                t.create_response = bool(td.get("create_response", True))
-                t.interrupt_response = bool(td.get("interrupt_response", True))
-                if not (0.0 < t.threshold < 1.0) or not (0 <= t.prefix_padding_ms <= 2000) or not (
-                        100 <= t.silence_duration_ms <= 5000):
-                    raise bad("turn_detection values out of range (0<threshold<1, prefix_padding_ms 0..2000, "
-                              "silence_duration_ms 100..5000)", "audio.input.turn_detection")
-                new.turn_detection = t
-        voice = out.get("voice", session.get("voice"))
-        if voice is not None:
-            if not isinstance(voice, str):
-                raise bad("voice must be a string", "audio.output.voice")
-            new.voice = voice
-        speed = out.get("speed", session.get("speed"))
-        if speed is not None:
-            if not isinstance(speed, (int, float)) or not (0.25 <= speed <= 4.0):
-                raise bad("speed must be a number in 0.25..4", "audio.output.speed")
-            new.speed = float(speed)
+            new.turn_detection = TurnDetection.from_json(td, new.turn_detection)
+        new._set_voice(out, session)
         mot = session.get("max_output_tokens", session.get("max_response_output_tokens"))
         if mot is not None:
-            if mot == "inf":
-                new.max_output_tokens = None
-            elif not isinstance(mot, int) or isinstance(mot, bool) or not (1 <= mot <= 4096):
-                raise bad("max_output_tokens must be an integer in 1..4096 or 'inf'", "max_output_tokens")
-            else:
-                new.max_output_tokens = mot
-        ext = session.get("stemme")
-        if isinstance(ext, dict) and "event_names" in ext:
-            new.beta_names = ext["event_names"] == "beta"
-        if isinstance(session.get("model"), str):
-            new.model = session["model"]
-        self.__dict__.update(new.__dict__)
+            new.max_output_tokens = _max_tokens(mot, "max_output_tokens")
+        new._set_extensions(session)
+        return new
+
+    def _set_input_format(self, session: dict[str, Any], inp: dict[str, Any]) -> None:
+        param = "audio.input.format"
+        fmt = inp.get("format")
+        if "input_audio_format" in session:  # beta: a name
+            name = session["input_audio_format"]
+            if not isinstance(name, str) or name not in _BETA_FORMATS:
+                raise _Invalid("input_audio_format must be pcm16, g711_ulaw or g711_alaw", "input_audio_format")
+            fmt = _BETA_FORMATS[name]
+        if fmt is None:
+            return
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("audio/pcm", "audio/pcmu", "audio/pcma"):
+            raise _Invalid("audio.input.format.type must be audio/pcm, audio/pcmu or audio/pcma", param)
+        self.input_format = fmt["type"]
+        if fmt["type"] != "audio/pcm":
+            self.input_rate = 8000
+            return
+        rate = fmt.get("rate", 24000)
+        if isinstance(rate, bool) or rate not in (16000, 24000):
+            raise _Invalid("audio/pcm input rate must be 16000 or 24000", f"{param}.rate")
+        self.input_rate = int(rate)
+
+    def _set_transcription(self, trans: Any) -> None:
+        param = "audio.input.transcription"
+        if trans is None:
+            return
+        if not isinstance(trans, dict):
+            raise _Invalid("'transcription' must be an object", param)
+        lang = trans.get("language")
+        if lang is not None and not isinstance(lang, str):
+            raise _Invalid("transcription.language must be a string", f"{param}.language")
+        code = languages.normalise(lang)
+        if code is not None and not _LANGUAGE_CODE.fullmatch(code):
+            raise _Invalid("transcription.language must be a language code (ISO 639-1, e.g. 'fr')",
+                           f"{param}.language")
+        self.transcription_language = code
+        if trans.get("model") is not None:
+            self.transcription_model = _name(trans["model"], f"{param}.model")
+
+    def _set_voice(self, out: dict[str, Any], session: dict[str, Any]) -> None:
+        voice = out.get("voice", session.get("voice"))
+        if voice is not None:
+            self.voice = _name(voice, "audio.output.voice")
+        speed = out.get("speed", session.get("speed"))
+        if speed is not None:
+            self.speed = _number(speed, 0.25, 4.0, "audio.output.speed")
+
+    def _set_extensions(self, session: dict[str, Any]) -> None:
+        ext = _object(session.get("stemme"), "stemme")
+        if "event_names" in ext:
+            if not isinstance(ext["event_names"], str):
+                raise _Invalid("stemme.event_names must be a string ('beta' for the older names)",
+                               "stemme.event_names")
+            self.beta_names = ext["event_names"] == "beta"
+        if session.get("model") is not None:
+            self.model = _name(session["model"], "model")
 
     def to_json(self) -> dict[str, Any]:
         fmt: dict[str, Any] = {"type": self.input_format}
@@ -290,6 +492,62 @@ class SessionConfig:
             "tools": [],
             "tool_choice": "auto",
         }
+
+
+@dataclass(frozen=True)
+class ResponseOverrides:
+    """The ``response`` object of ``response.create``, checked: what this one response does differently from
+    the session's configuration (None: the session's value)."""
+
+    output_modalities: list[str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    voice: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The overrides that are set, under their API names."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def parse_response(event: dict[str, Any]) -> ResponseOverrides:
+    """Validate ``response.create``'s ``response`` before anything starts; raise ProtocolError naming the
+    field. Fields Stemme does not use are checked for their type only (``conversation``, ``metadata``)."""
+    try:
+        return _response_overrides(event.get("response"))
+    except _Invalid as e:
+        raise ProtocolError(f"response.create: {e}", param=f"response.{e.param}".rstrip("."),
+                            event_id=event.get("event_id"), code="invalid_value") from None
+
+
+def _response_overrides(resp: Any) -> ResponseOverrides:
+    if resp is not None and not isinstance(resp, dict):
+        raise _Invalid("'response' must be an object", "")
+    resp = resp or {}
+    out = _object(_object(resp.get("audio"), "audio").get("output"), "audio.output")
+    _check_output_format(out.get("format"))
+    _object(resp.get("metadata"), "metadata")
+    if resp.get("conversation") not in (None, "auto", "none"):
+        raise _Invalid("conversation must be 'auto' or 'none'", "conversation")
+    mods = resp.get("output_modalities", resp.get("modalities"))
+    mot = resp.get("max_output_tokens", resp.get("max_response_output_tokens"))
+    voice = out.get("voice", resp.get("voice"))
+    return ResponseOverrides(
+        output_modalities=_modalities(mods, "output_modalities") if mods is not None else None,
+        instructions=_text(resp.get("instructions"), "instructions"),
+        max_output_tokens=_max_tokens(mot, "max_output_tokens") if mot is not None else None,
+        voice=_name(voice, "audio.output.voice") if voice is not None else None)
+
+
+def _check_output_format(fmt: Any) -> None:
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm"
+                            or fmt.get("rate", 24000) != 24000 or isinstance(fmt.get("rate"), bool)):
+        raise _Invalid("output format must be audio/pcm at 24000 Hz", "audio.output.format")
+
+
+_BETA_FORMATS: dict[str, dict[str, Any]] = {
+    "pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
+    "g711_alaw": {"type": "audio/pcma"}}
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
 
 
 def item_text(item: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 from stemme.streaming.metrics import Metrics
-from stemme.streaming.protocol import new_id
+from stemme.streaming.protocol import encode_event, new_id
 from stemme.streaming.session import Session
 from stemme.voice.llm import Conversation, GenerationOptions
 from stemme.voice.pipeline import Stages, stages_for
@@ -227,7 +227,11 @@ class StemmeServer:
         slow = asyncio.Event()
 
         def send(item: dict | bytes) -> None:
-            data = item if isinstance(item, bytes) else json.dumps(item, ensure_ascii=False)
+            try:
+                data = item if isinstance(item, bytes) else encode_event(item)
+            except (TypeError, ValueError):  # a bug in an event: logged and skipped, never fatal
+                logger.exception("session=%s could not encode an event", session.id)
+                return
             queued[0] += len(data)
             if queued[0] > self.config.max_outbound_bytes:
                 slow.set()

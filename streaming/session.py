@@ -27,6 +27,7 @@ from stemme.streaming.protocol import (
     field_of,
     item_text,
     new_id,
+    parse_response,
     parse_text,
     validate_item,
 )
@@ -38,6 +39,7 @@ from stemme.voice.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadOpti
 
 from stemme.engines import Engines
 from stemme.errors import StemmeError
+from stemme.logsafe import clip
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class Session:
         self._send(event)
 
     def error(self, err: ProtocolError) -> None:
-        logger.info("session=%s client error %s: %s", self.id, err.code, err.message)
+        logger.info("session=%s client error %s: %s", self.id, err.code, clip(err.message, 200))
         if self.metrics is not None:
             self.metrics.errors.labels(err.code).inc()
         self.send(error_event(err))
@@ -125,6 +127,7 @@ class Session:
 
     # ---- input ----------------------------------------------------------------------------------------
     async def handle_text(self, data: str | bytes) -> None:
+        event: dict[str, Any] = {}
         try:
             event = parse_text(data)
             await self._dispatch(event)
@@ -132,6 +135,9 @@ class Session:
             self.error(e)
         except StemmeError as e:
             self.error(ProtocolError(str(e), code=e.code, error_type="server_error"))
+        except Exception as e:  # noqa: BLE001 - a bug must not end the session: logged in full, reported
+            logger.exception("session=%s failed on %s", self.id, event.get("type", "a message"))
+            self.error_event("internal_error", f"the server failed ({type(e).__name__}); the session goes on")
 
     async def handle_binary(self, data: bytes) -> None:
         try:
@@ -144,6 +150,9 @@ class Session:
             await self._append_audio(data)
         except ProtocolError as e:
             self.error(e)
+        except Exception as e:  # noqa: BLE001 - a bug must not end the session: logged in full, reported
+            logger.exception("session=%s failed on a binary frame", self.id)
+            self.error_event("internal_error", f"the server failed ({type(e).__name__}); the session goes on")
 
     async def _dispatch(self, event: dict[str, Any]) -> None:
         t = event["type"]
@@ -175,15 +184,13 @@ class Session:
         elif t == "conversation.item.truncate":
             self._truncate(event)
         elif t == "response.create":
-            resp = event.get("response") or {}
-            if not isinstance(resp, dict):
-                raise ProtocolError("response.create: 'response' must be an object", param="response", event_id=eid)
+            overrides = parse_response(event)  # every field checked before any flag is set
             if self.response is not None or self._response_starting:
                 raise ProtocolError("a response is already in progress; cancel it first",
                                     code="conversation_already_has_active_response", event_id=eid)
             marks = TurnMarks(speech_end=time.perf_counter(), turn_detected=time.perf_counter())
             self._response_starting = True  # until _respond registers itself, a second create is refused
-            self._spawn(self._respond(marks, None, resp))
+            self._spawn(self._respond(marks, None, overrides.as_dict()), response=True)
         elif t == "response.cancel":
             if self.response is None:
                 raise ProtocolError("no response is in progress", code="response_cancel_not_active", event_id=eid)
@@ -348,10 +355,29 @@ class Session:
                    "content_index": event["content_index"], "audio_end_ms": end_ms})
 
     # ---- turns ----------------------------------------------------------------------------------------
-    def _spawn(self, coro) -> asyncio.Task:  # noqa: ANN001
+    def _spawn(self, coro, *, response: bool = False) -> asyncio.Task:  # noqa: ANN001
+        """Run ``coro`` as this session's task. A task that fails is a bug: it is logged with its traceback,
+        the client gets an ``error`` event, and a response task's flags are cleared so the session is not
+        wedged (``response`` marks a task started by response.create before it registers itself)."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if t.cancelled() or t.exception() is None:
+                return
+            logger.error("session=%s task %s failed", self.id, getattr(t.get_coro(), "__qualname__", "?"),
+                         exc_info=t.exception())
+            if response:
+                self._response_starting = False
+            run = self.response
+            if run is not None and run.task is t:
+                run.cancel.set()
+                self.response = None
+            self.error_event("internal_error", f"the server failed ({type(t.exception()).__name__}); "
+                                               "the session goes on")
+
+        task.add_done_callback(done)
         return task
 
     def _asr_options(self) -> AsrOptions:
