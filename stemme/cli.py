@@ -20,7 +20,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engines (also STEMME_<NAME> environment variables)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     g.add_argument("--asr-model", default=None, help="CTranslate2 Whisper directory (default: embedded base)")
-    g.add_argument("--llm-model", default=None, help=".gguf file or HF / ORT GenAI / CTranslate2 directory")
+    g.add_argument("--llm-model", default=None, help=".gguf file or HF / ORT GenAI / CTranslate2 directory; with "
+                   "--llm-url: the remote model's name")
     g.add_argument("--llm-pack", default=None, help="embedded LLM pack (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)")
     g.add_argument("--llm-backend", default=None,
                    choices=["auto", "onnxruntime", "ort-genai", "transformers", "ctranslate2"])
@@ -31,9 +32,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="how long a request waits for others to batch with (default: 5 on CUDA, 0 on CPU)")
 
 
+def _remote_llm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote language model (OpenAI-compatible; also STEMME_LLM_URL, STEMME_LLM_API_KEY)")
+    g.add_argument("--llm-url", default=None, help="API base URL, e.g. http://vllm:8000/v1 (no local model is loaded)")
+    g.add_argument("--llm-api-key", default=None, help="Bearer key of --llm-url (the environment hides it from ps)")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _engine_args(p)
+    _remote_llm_args(p)
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
     keys = ("device", "asr_model", "llm_model", "llm_pack", "llm_backend", "voices_file", "batch_max",
-            "batch_window_ms")
+            "batch_window_ms", "llm_url", "llm_api_key")
     return EngineConfig.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -71,7 +83,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     if not args.no_convert:
         backend = engines.llm_backend(cfg)
         llm_packs = [n for n in names if packs.get_pack(n).kind == "llm"]
-        if cfg.llm_model or cfg.llm_pack in llm_packs:
+        if not cfg.llm_url and (cfg.llm_model or cfg.llm_pack in llm_packs):  # a URL: llm_model is remote
             d = export.llm_model_dir(backend, cfg.llm_pack, cfg.llm_model)
             print(f"LLM for the {backend} backend: ready ({d})", file=sys.stderr)
     print(f"models ready in {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -187,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("text")
     c.add_argument("--lang", default=None, help="answer in this language (default: the user's)")
     c.add_argument("--max-tokens", type=int, default=120)
-    _engine_args(c)
+    _serve_args(c)
     c.set_defaults(func=cmd_chat)
 
     from stemme.streaming.server import add_serve_parser
 
-    add_serve_parser(sub, _engine_args, _config)
+    add_serve_parser(sub, _serve_args, _config)
     from stemme.clients.loadtest import add_loadtest_parser
     from stemme.clients.talk import add_talk_parser
 

@@ -36,7 +36,18 @@ class EngineConfig:
     llm_pack: str = "qwen2.5-coder-0.5b"
     """Embedded model pack of the language model (qwen2.5-coder-0.5b, or qwen2.5-coder-1.5b)."""
     llm_model: str | None = None
-    """A .gguf file, a Hugging Face, ONNX Runtime GenAI or CTranslate2 directory; overrides llm_pack."""
+    """A .gguf file, a Hugging Face, ONNX Runtime GenAI or CTranslate2 directory; overrides llm_pack. With
+    llm_url: the remote model's name, as the endpoint lists it under /models (None: the first one listed)."""
+    llm_url: str | None = None
+    """Base URL of an OpenAI-compatible API (vLLM, llama.cpp server, Ollama, TGI, transformers serve), e.g.
+    http://vllm:8000/v1: answers stream from its /chat/completions and no local language model is loaded."""
+    llm_api_key: str | None = field(default=None, repr=False)
+    """Sent as Authorization: Bearer to llm_url; never logged (prefer the environment to the command line)."""
+    llm_connect_timeout_s: float = 3.0
+    """Longest wait for a connection to llm_url; quick failures (refused, HTTP 429/502/503/504) are retried
+    twice before the first token, with 0.2 s then 0.4 s of backoff, never after it."""
+    llm_read_timeout_s: float = 30.0
+    """Longest silence of llm_url, before the first token or between two; then the answer fails."""
     llm_backend: str = "auto"
     """auto (transformers on CUDA, onnxruntime on CPU), onnxruntime (the ORT GenAI model run by Stemme's own
     batching loop), ort-genai, transformers or ctranslate2."""

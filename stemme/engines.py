@@ -54,6 +54,11 @@ def llm_backend(cfg: EngineConfig) -> str:
 
 
 def load_llm(cfg: EngineConfig) -> ChatEngine:
+    if cfg.llm_url:  # a remote OpenAI-compatible model: nothing is loaded here
+        from stemme.models.llm_openai import RemoteChat
+
+        return RemoteChat(cfg.llm_url, model=cfg.llm_model, api_key=cfg.llm_api_key,
+                          connect_timeout=cfg.llm_connect_timeout_s, read_timeout=cfg.llm_read_timeout_s)
     from stemme.models import export
 
     backend = llm_backend(cfg)
