@@ -140,6 +140,8 @@ class LlmScheduler:
         self._new: collections.deque[_Stream] = collections.deque()
         self._active: collections.deque[_Stream | _Group] = collections.deque()
         self._groups: dict[int, _Group] = {}
+        self._remote = 0
+        """Streams of remote engines in progress, each on its own thread (see submit)."""
         self._stop = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batched steps served each number of streams."""
@@ -150,15 +152,37 @@ class LlmScheduler:
     @property
     def depth(self) -> int:
         """Streams admitted and not finished."""
-        n = len(self._new) + sum(1 for a in self._active if isinstance(a, _Stream))
+        n = len(self._new) + self._remote + sum(1 for a in self._active if isinstance(a, _Stream))
         return n + sum(len(g.streams) for g in self._groups.values())
 
     def submit(self, engine: Any, messages: list[dict[str, str]], options: GenerationOptions,
                cancel: threading.Event, put: Callable[[str | BaseException | None], None]) -> None:
+        st = _Stream(engine, messages, options, cancel, put)
+        if getattr(engine, "remote", False):
+            # a remote model waits on the network, not on this machine's CPU: its stream gets its own thread,
+            # outside the round (a blocked read would stall every session) and not behind the speech gate
+            with self._cond:
+                self._remote += 1
+            threading.Thread(target=self._run_remote, args=(st,), name="stemme-llm-remote", daemon=True).start()
+            return
         with self._cond:
-            self._new.append(_Stream(engine, messages, options, cancel, put))
+            self._new.append(st)
             self._cond.notify()
         self.priority.poke()  # a generation paused for speech gives way to the new prompt
+
+    def _run_remote(self, st: _Stream) -> None:
+        exc: BaseException | None = None
+        try:
+            st.gen = st.engine.stream(st.messages, st.options, st.cancel)
+            for piece in st.gen:
+                if st.cancel.is_set():
+                    break
+                st.put(piece)
+        except BaseException as e:  # noqa: BLE001 - handed to the stream's consumer
+            exc = e
+        with self._cond:
+            self._remote -= 1
+        self._finish(st, exc)
 
     def shutdown(self) -> None:
         with self._cond:
