@@ -29,6 +29,7 @@ from websockets.http11 import Request, Response
 
 from stemme.config import EngineConfig
 from stemme.engines import Engines
+from stemme.errors import StemmeError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".json": "application/json", ".png": "image/png",
           ".svg": "image/svg+xml", ".ico": "image/x-icon"}
+
+LLM_PROBE_S = 5.0
+"""How often a remote language model is asked whether it answers (GET /models), for /readyz."""
 
 WS_MAX_SIZE = 16 << 20
 """Frames up to this size reach the session, which answers oversized ones with an error event; beyond it
@@ -82,8 +86,13 @@ def warm_up(engines: Engines, batching: bool = False) -> None:
     engines.asr.transcribe(np.zeros(16000, np.float32))
     conv = Conversation()
     conv.add("user", "Hi")
-    for _ in engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=2)):
-        pass
+    try:
+        for _ in engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=2)):
+            pass
+    except StemmeError as e:
+        if not getattr(engines.llm, "remote", False):
+            raise
+        logger.warning("remote language model not warmed up: %s", e)  # /readyz reports it until it answers
     reg = engines.tts.registry
     warmed: set[str] = set()
     for lang in engines.config.languages:
@@ -109,6 +118,9 @@ class StemmeServer:
         self._connections: dict[Session, ServerConnection] = {}
         self._server: Any = None
         self.ready = False
+        self.llm_down: str | None = None
+        """Why the remote language model does not answer (its last probe); None when it does, or is local."""
+        self._probe: asyncio.Task | None = None
         self.stopping = False
         self.metrics = Metrics()
         self.stages.asr.on_batch = self.metrics.batch_size.labels("asr").observe
@@ -134,6 +146,8 @@ class StemmeServer:
         if path == "/v1/voices":
             return self._json(self.voices())
         if path == "/readyz":
+            if self.ready and self.llm_down:
+                return connection.respond(503, f"not ready: language model unreachable: {self.llm_down}\n")
             return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "not ready\n")
         if path == "/metrics":
             return self._response(200, self._metrics(), "text/plain; version=0.0.4; charset=utf-8")
@@ -156,7 +170,7 @@ class StemmeServer:
     def _metrics(self) -> bytes:
         m = self.metrics
         m.sessions_active.set(len(self.sessions))
-        m.ready.set(1 if self.ready else 0)
+        m.ready.set(1 if self.ready and not self.llm_down else 0)
         for name in ("vad", "asr", "llm", "tts"):
             m.queue_depth.labels(name).set(self.stages.depth(name))
             m.model_loaded.labels(name).set(1 if name in self.engines.loaded else 0)
@@ -319,8 +333,25 @@ class StemmeServer:
         except Exception:
             logger.exception("loading the models failed")
             raise
+        if getattr(self.engines.llm, "remote", False):
+            self.llm_down = await loop.run_in_executor(None, self.engines.llm.probe)
+            if self.llm_down:
+                logger.warning("language model unreachable: %s", self.llm_down)
+            self._probe = asyncio.create_task(self._probe_llm())
         self.ready = True
         logger.info("ready: models loaded")
+
+    async def _probe_llm(self) -> None:
+        """Keep ``llm_down`` current for /readyz: a cheap request every few seconds, off the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(LLM_PROBE_S)
+            down = await loop.run_in_executor(None, self.engines.llm.probe)
+            if down and down != self.llm_down:
+                logger.warning("language model unreachable: %s", down)
+            elif self.llm_down and not down:
+                logger.info("language model reachable again")
+            self.llm_down = down
 
     async def start(self, *, wait_ready: bool = True) -> None:
         """Open the port at once (``/healthz``, ``/readyz``, ``/metrics`` answer while models load), then
@@ -356,6 +387,8 @@ class StemmeServer:
             await self._server.wait_closed()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
         self.stages.shutdown()
 
 
