@@ -6,3 +6,7 @@ The data flow is the repository layout: ``voice/`` (mic audio -> VAD -> ASR -> L
 """
 
 __version__ = "0.1.0"
+
+from stemme import privacy as _privacy
+
+_privacy.apply()  # before any engine library is imported: no telemetry, no model hub (see stemme/privacy.py)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from stemme import privacy
 from stemme.config import EngineConfig
 from stemme.errors import StemmeError
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    privacy.private_tempdir()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("faster_whisper", "httpx", "transformers", "phonemizer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

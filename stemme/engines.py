@@ -153,8 +153,11 @@ class Engines:
         return self._get("turn", load_turn)
 
     def load_all(self) -> None:
+        from stemme import privacy
+
         for name in ("vad", "asr", "llm", "tts", "turn"):
             getattr(self, name)
+        privacy.disable_loaded_telemetry()
 
     @property
     def loaded(self) -> list[str]:
