@@ -1,5 +1,8 @@
 """Kokoro-82M (int8 ONNX) adapter with espeak-ng phonemes, for the European languages.
 
+Style vectors: the Japanese ones of the embedded pack (``kokoro-82m-int8``) and the European and English ones
+of ``kokoro-v1.0-voices`` (taken from the kokoro sdist; the same v1.0 model), by name, or a .npy/.npz file.
+
 Inputs: ``tokens`` int64 [1, T+2] (0-padded at both ends), ``style`` float32 [1, 256] chosen by the token count
 from the voice's style table, ``speed`` float32 [1]; output float32 audio at 24 kHz.
 """
@@ -21,9 +24,13 @@ from stemme.errors import ModelLoadError
 RATE = 24000
 MAX_TOKENS = 510
 
-PHONEME_FALLBACK = {"ʏ": "y", "ɵ": "ʊ", "ʑ": "ʒ", "ɫ": "l", "ɬ": "l", "ʀ": "ʁ", "ɱ": "m", "ɧ": "ʃ", "ɘ": "ə"}
+VECTOR_PACK = "kokoro-v1.0-voices"
+
+PHONEME_FALLBACK = {"ʏ": "y", "ɵ": "ʊ", "ʑ": "ʒ", "ɫ": "l", "ɬ": "l", "ʀ": "ʁ", "ɱ": "m", "ɧ": "ʃ", "ɘ": "ə",
+                    "ɭ": "l", "ʉ": "u", "ε": "ɛ", "ʐ": "ʒ"}
 """espeak-ng phonemes missing from Kokoro's vocabulary, mapped to the nearest sound it knows
-(German 'ü' in 'zurück', Dutch 'u' in 'dus', Polish 'ź'); without this they are silently dropped.
+(German 'ü' in 'zurück', Dutch 'u' in 'dus', Polish 'ź', Swedish and Norwegian 'u', Russian and Lithuanian
+dark 'l', Belarusian 'ж'; espeak's Danish writes a Greek epsilon); without this they are silently dropped.
 The German diphthong 'eu' (espeak 'ɔø') is read as the English 'oy' Kokoro knows well."""
 
 
@@ -69,6 +76,8 @@ class KokoroEngine:
             return False
         if voice.style and voice.style.endswith((".npy", ".npz")) and not Path(voice.style).is_file():
             return False
+        if voice.style in packs.KOKORO_VECTORS and not packs.state(packs.get_pack(VECTOR_PACK)).prepared:
+            return False
         return bool(self.model_path) or packs.state(packs.get_pack("kokoro-82m-int8")).prepared
 
     def _load(self) -> None:
@@ -92,7 +101,16 @@ class KokoroEngine:
             self._vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))["vocab"]
             with np.load(d / "voices.npz") as npz:
                 self._styles = {k: npz[k].reshape(-1, 256).astype(np.float32) for k in npz.files}
+            self._styles.update(self._vectors())
             self._phonemizer = EspeakPhonemizer()
+
+    @staticmethod
+    def _vectors() -> dict[str, np.ndarray]:
+        """The v1.0 vectors of the voices pack, when it is prepared (raw little-endian float32, 510 x 256)."""
+        if not packs.state(packs.get_pack(VECTOR_PACK)).prepared:
+            return {}
+        d = packs.ready(VECTOR_PACK)
+        return {name: np.fromfile(d / f"{name}.bin", dtype="<f4").reshape(-1, 256) for name in packs.KOKORO_VECTORS}
 
     def _style(self, voice: Voice) -> np.ndarray:
         name = voice.style or "jm_kumo"

