@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2 as httpx
 from stemme.voice.llm import GenerationOptions, ToolCall
 
-from stemme.errors import StemmeError
+from stemme.errors import ConfigError, StemmeError
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,16 @@ def _socket_of(response: httpx.Response) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+def _tls_context(url: str) -> ssl.SSLContext | bool:
+    if urlsplit(url).scheme != "https":
+        return True  # unused
+    try:
+        return httpx.create_ssl_context()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the CA certificates for {safe_url(url)} (SSL_CERT_FILE, SSL_CERT_DIR): "
+                          f"{_reason(e)}") from None
+
+
 def _reason(e: Exception) -> str:
     return (str(e) or type(e).__name__)[:160]
 
@@ -194,8 +205,10 @@ class RemoteChat:
         self.backoff = backoff
         self._key = api_key or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # trust_env=False: no proxy variables, no .netrc credentials; the endpoint is reached directly
+        # trust_env=False: no proxy variables, no .netrc credentials, the endpoint is reached directly; TLS is
+        # checked against the system's CAs, or SSL_CERT_FILE / SSL_CERT_DIR (an in-house CA)
         self._client = httpx.Client(base_url=url.rstrip("/") + "/", headers=headers, trust_env=False,
+                                    verify=_tls_context(url),
                                     timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout))
         self._watch = _CancelWatch()
 
