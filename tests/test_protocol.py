@@ -147,6 +147,8 @@ def test_parse_accepts_what_is_fine():
     assert parse_text('{"type": "session.update", "x": ' + "[" * 31 + "]" * 31 + "}")["type"] == "session.update"
     ev = parse_text('{"type": "session.update", "x": "\\ud83d\\ude00 \\\\ud800", "y": 1e308, "z": -0.0}')
     assert ev["x"] == "😀 \\ud800" and ev["y"] == 1e308
+    # brackets inside strings are text, not containers
+    assert parse_text(json.dumps({"type": "session.update", "t": "[{" * 20_000}))["t"].startswith("[{")
     # the event_id of an event refused for its content comes back, so that the client can match the error
     with pytest.raises(ProtocolError) as e:
         parse_text('{"type": "session.update", "event_id": "e7", "session": {"instructions": "\\ud800"}}')
