@@ -32,8 +32,9 @@ ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 # where the CPU build of torch comes from (PyPI's default torch for Linux is a CUDA build of several GB)
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# a C compiler and the Python headers for the dependencies that ship as source (ttspico)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get install -y --no-install-recommends python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/stemme/venv
 ENV PATH=/opt/stemme/venv/bin:$PATH
