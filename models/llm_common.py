@@ -31,15 +31,64 @@ class ChatTokenizer:
         if self.tok.eos_token_id is not None:
             eos.add(self.tok.eos_token_id)
         self.eos = eos
+        self.kept = {i: t for t in ("<tool_call>", "</tool_call>")
+                     if isinstance(i := self.tok.convert_tokens_to_ids(t), int) and i != self.tok.unk_token_id}
+        """Special tokens decoded as text: the tags around a function call (see ToolCallExtractor)."""
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def encode_chat(self, messages: list[dict[str, Any]], options: GenerationOptions | None = None) -> list[int]:
+        """The prompt's token ids by the model's own chat template, with the options' tools (the template
+        describes them and how to call them; a call comes back as text, see ToolCallExtractor)."""
+        tools = template_tools(options)
+        ids = self.tok.apply_chat_template(_template_messages(messages, options), tools=tools,
+                                           add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        if not self.kept or not any(i in self.kept for i in ids):
+            return self.tok.decode(ids, skip_special_tokens=True)
+        out, start = [], 0
+        for n, i in enumerate(ids):
+            if i in self.kept:
+                out += [self.tok.decode(ids[start:n], skip_special_tokens=True), self.kept[i]]
+                start = n + 1
+        out.append(self.tok.decode(ids[start:], skip_special_tokens=True))
+        return "".join(out)
+
+
+def template_tools(options: GenerationOptions | None) -> list[dict[str, Any]] | None:
+    """The tools to describe in the prompt: none when tool_choice is 'none'."""
+    if options is None or not options.tools or options.tool_choice == "none":
+        return None
+    return options.tools
+
+
+def _template_messages(messages: list[dict[str, Any]], options: GenerationOptions | None) -> list[dict[str, Any]]:
+    """Chat-completions messages as chat templates expect them: call arguments as objects, not JSON text; a
+    required or named tool_choice becomes an instruction (an embedded model cannot be constrained)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{**c, "function": {**c["function"], "arguments": _json_object(c["function"].get("arguments"))}}
+                     for c in m["tool_calls"]]
+            m = {**m, "tool_calls": calls, "content": m.get("content") or ""}
+        out.append(m)
+    choice = options.tool_choice if options is not None and options.tools else None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if (name or choice == "required") and out and out[0].get("role") == "system":
+        must = f"Call the function {name}." if name else "Answer by calling one of the functions."
+        out[0] = {**out[0], "content": f"{out[0]['content']} {must}"}
+    return out
+
+
+def _json_object(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
 
 
 class Row:
@@ -85,7 +134,7 @@ class BatchDecoderBase:
         return len(self._new)
 
     def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> Row:
-        row = Row(self.tokenizer.encode_chat(messages), options, self.tokenizer.decode)
+        row = Row(self.tokenizer.encode_chat(messages, options), options, self.tokenizer.decode)
         self.rows.append(row)
         self._new.append(row)
         return row

@@ -45,7 +45,7 @@ class CTranslate2Chat:
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
-        ids = self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode_chat(messages, options)
         tokens = self.tokenizer.tok.convert_ids_to_tokens(ids)
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock:

@@ -47,7 +47,7 @@ class OrtGenaiChat:
     def stream(self, messages: list[dict[str, str]], options: GenerationOptions | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
-        ids = self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode_chat(messages, options)
         og = self.og
         with self._lock:
             params = og.GeneratorParams(self.model)

@@ -65,7 +65,7 @@ class TransformersChat:
                cancel: threading.Event | None = None) -> Iterator[str]:
         torch = self.torch
         o = options or GenerationOptions()
-        ids = self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode_chat(messages, options)
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock, torch.inference_mode():
             x = torch.tensor([ids], device=self.device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from itertools import compress
 from typing import Any
 
+from stemme.streaming import tools
 from stemme.voice import languages
 
 from stemme.logsafe import clip
@@ -392,6 +393,9 @@ class SessionConfig:
     max_output_tokens: int | None = None
     model: str = "stemme"
     beta_names: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """Functions the model may call (Realtime shape, see streaming/tools.py)."""
+    tool_choice: str | dict[str, Any] = "auto"
 
     def apply(self, session: dict[str, Any], event_id: str | None = None) -> None:
         """Apply a ``session.update`` payload (GA shape, and the beta flat fields). Every field is checked on
@@ -425,7 +429,17 @@ class SessionConfig:
         if mot is not None:
             new.max_output_tokens = _max_tokens(mot, "max_output_tokens")
         new._set_extensions(session)
+        new._set_tools(session)
         return new
+
+    def _set_tools(self, session: dict[str, Any]) -> None:
+        try:
+            if session.get("tools") is not None:
+                self.tools = tools.parse_tools(session["tools"])
+            if session.get("tool_choice") is not None:
+                self.tool_choice = tools.parse_tool_choice(session["tool_choice"], self.tools)
+        except tools.ToolError as e:
+            raise _Invalid(str(e), e.param) from None
 
     def _set_input_format(self, session: dict[str, Any], inp: dict[str, Any]) -> None:
         param = "audio.input.format"
@@ -504,8 +518,8 @@ class SessionConfig:
                 "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.voice or "auto",
                            "speed": self.speed},
             },
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
         }
 
 
@@ -518,6 +532,8 @@ class ResponseOverrides:
     instructions: str | None = None
     max_output_tokens: int | None = None
     voice: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The overrides that are set, under their API names."""
@@ -546,11 +562,31 @@ def _response_overrides(resp: Any) -> ResponseOverrides:
     mods = resp.get("output_modalities", resp.get("modalities"))
     mot = resp.get("max_output_tokens", resp.get("max_response_output_tokens"))
     voice = out.get("voice", resp.get("voice"))
+    try:
+        tool_list = tools.parse_tools(resp["tools"]) if resp.get("tools") is not None else None
+        choice = _response_tool_choice(resp.get("tool_choice"), tool_list)
+    except tools.ToolError as e:
+        raise _Invalid(str(e), e.param) from None
     return ResponseOverrides(
+        tools=tool_list, tool_choice=choice,
         output_modalities=_modalities(mods, "output_modalities") if mods is not None else None,
         instructions=_text(resp.get("instructions"), "instructions"),
         max_output_tokens=_max_tokens(mot, "max_output_tokens") if mot is not None else None,
         voice=_name(voice, "audio.output.voice") if voice is not None else None)
+
+
+def _response_tool_choice(value: Any, tool_list: list[dict[str, Any]] | None) -> str | dict[str, Any] | None:
+    """A response's tool_choice. Naming a function without tools of its own, it is checked against the
+    session's tools when the response starts."""
+    if value is None:
+        return None
+    if tool_list is not None or value in ("auto", "none", "required"):
+        return tools.parse_tool_choice(value, tool_list or [])
+    name = value.get("name") if isinstance(value, dict) and value.get("type") == "function" else None
+    if not isinstance(name, str):
+        raise tools.ToolError("tool_choice must be auto, none, required or {'type': 'function', 'name': …}",
+                              "tool_choice")
+    return {"type": "function", "name": name}
 
 
 def _check_output_format(fmt: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -31,9 +30,10 @@ from stemme.streaming.protocol import (
     parse_text,
     validate_item,
 )
+from stemme.streaming.tools import ToolError, call_item, chat_message, chat_tool_choice, chat_tools, function_item
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import ASR_RATE, StreamResampler, g711_to_float, pcm16_to_float
-from stemme.voice.llm import DEFAULT_INSTRUCTIONS, Conversation
+from stemme.voice.llm import DEFAULT_INSTRUCTIONS, Conversation, ToolCall
 from stemme.voice.pipeline import SpokenClause, Stages, TextPiece, TurnMarks, respond, transcribe
 from stemme.voice.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
 
@@ -54,15 +54,36 @@ Send = Callable[[dict[str, Any] | bytes], None]
 
 
 @dataclass
+class ResponsePlan:
+    """What one response does (the session's configuration with response.create's overrides)."""
+
+    language: str | None
+    audio_out: bool
+    max_tokens: int
+    instructions: str | None
+    voice: str | None
+    tools: list[dict[str, Any]] | None
+    """Chat-completions shape."""
+    tool_choice: str | dict[str, Any]
+
+
+@dataclass
 class ResponseRun:
     id: str
-    item: dict[str, Any]
+    audio_out: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task | None = None
     reason: str | None = None
+    output: list[dict[str, Any]] = field(default_factory=list)
+    """The response's output items in order: its message (opened with the first words) and function calls."""
+    message: dict[str, Any] | None = None
+    text_out: list[str] = field(default_factory=list)
     timeline: list[tuple[int, int, str]] = field(default_factory=list)
     """(start_ms, end_ms, text) of each clause sent."""
     audio_ms: int = 0
+
+    def ids(self, item: dict[str, Any], index: int) -> dict[str, Any]:
+        return {"response_id": self.id, "item_id": item["id"], "output_index": index, "content_index": 0}
 
 
 class Session:
@@ -172,8 +193,7 @@ class Session:
                 self._vad.reset()
             self.send({"type": "input_audio_buffer.cleared"})
         elif t == "conversation.item.create":
-            item = validate_item(event)
-            self._insert_item(item, event.get("previous_item_id"))
+            self._insert_item(self._new_item(event), event.get("previous_item_id"))
         elif t == "conversation.item.retrieve":
             item = self._find_item(field_of(event, "item_id", str), eid)
             self.send({"type": "conversation.item.retrieved", "item": item})
@@ -302,6 +322,18 @@ class Session:
         self._insert_item(item, prev)
         self._spawn(self._turn(item, audio, marks, create_response))
 
+    @staticmethod
+    def _new_item(event: dict[str, Any]) -> dict[str, Any]:
+        """A client's conversation item, checked: a message, or a function call or its output."""
+        item = field_of(event, "item", dict)
+        if item.get("type") not in ("function_call", "function_call_output"):
+            return validate_item(event)
+        try:
+            return function_item(item)
+        except ToolError as e:
+            raise ProtocolError(f"conversation.item.create: {e}", param=e.param, event_id=event.get("event_id"),
+                                code="invalid_value") from None
+
     def _insert_item(self, item: dict[str, Any], previous_item_id: str | None) -> None:
         if previous_item_id and previous_item_id != "root":
             idx = next((i for i, it in enumerate(self.items) if it["id"] == previous_item_id), None)
@@ -428,9 +460,12 @@ class Session:
                 return it["stemme_language"]
         return None
 
-    def _messages(self, language: str | None, instructions: str | None) -> list[dict[str, str]]:
+    def _messages(self, language: str | None, instructions: str | None) -> list[dict[str, Any]]:
         conv = Conversation(instructions=instructions or self.config.instructions or DEFAULT_INSTRUCTIONS)
         for it in self.items:
+            if (message := chat_message(it)) is not None:
+                conv.turns.append(message)
+                continue
             text = item_text(it)
             if it.get("role") == "system":
                 conv.instructions += " " + text
@@ -438,106 +473,155 @@ class Session:
                 conv.add(it["role"], text)
         return conv.messages(language)
 
+    def _plan(self, language_hint: str | None, overrides: dict[str, Any]) -> ResponsePlan:
+        """What this response does: the session's configuration with response.create's overrides."""
+        tool_list = overrides.get("tools", self.config.tools)
+        choice = overrides.get("tool_choice", self.config.tool_choice)
+        if isinstance(choice, dict) and not any(t["name"] == choice["name"] for t in tool_list):
+            choice = "auto"  # a named tool the session no longer declares
+        return ResponsePlan(
+            language=self._language(language_hint),
+            audio_out="audio" in (overrides.get("output_modalities") or self.config.output_modalities),
+            max_tokens=overrides.get("max_output_tokens") or self.config.max_output_tokens
+            or self.engines.config.llm_max_tokens,
+            instructions=overrides.get("instructions"),
+            voice=overrides.get("voice") or self.config.voice,
+            tools=chat_tools(tool_list), tool_choice=chat_tool_choice(choice))
+
     async def _respond(self, marks: TurnMarks, language_hint: str | None, overrides: dict[str, Any]) -> None:
-        language = self._language(language_hint)
-        marks.language = language
-        modalities = overrides.get("output_modalities") or self.config.output_modalities
-        audio_out = "audio" in modalities
-        max_tokens = overrides.get("max_output_tokens") or self.config.max_output_tokens or \
-            self.engines.config.llm_max_tokens
-        if not isinstance(max_tokens, int):
-            max_tokens = self.engines.config.llm_max_tokens
-        run = ResponseRun(new_id("resp"), {"id": new_id("item"), "object": "realtime.item", "type": "message",
-                                           "role": "assistant", "status": "in_progress", "content": []})
-        run.task = asyncio.current_task()
+        plan = self._plan(language_hint, overrides)
+        marks.language = plan.language
+        run = ResponseRun(new_id("resp"), audio_out=plan.audio_out, task=asyncio.current_task())
         self.response = run
         self._response_starting = False
-        item = run.item
-        part_type = "audio" if audio_out else "text"
-        resp_json = {"id": run.id, "object": "realtime.response", "status": "in_progress", "output": [],
-                     "output_modalities": ["audio"] if audio_out else ["text"], "conversation_id": self.id}
-        self.send({"type": "response.created", "response": resp_json})
-        self.send({"type": "response.output_item.added", "response_id": run.id, "output_index": 0, "item": item})
-        prev = self.items[-1]["id"] if self.items else None
-        self.items.append(item)
-        self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
-        ids = {"response_id": run.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
-        part = {"type": part_type, "transcript": ""} if audio_out else {"type": "text", "text": ""}
-        self.send({"type": "response.content_part.added", **ids, "part": dict(part)})
-        text_out: list[str] = []
+        self.send({"type": "response.created", "response": self._response_json(run, "in_progress")})
         status, error = "completed", None
         try:
-            voice = None
-            if audio_out:
-                voice = self.engines.tts.registry.resolve(language, self.config.voice)
-            instructions = overrides.get("instructions") if isinstance(overrides.get("instructions"), str) else None
-            async for out in respond(self.engines, self.stages, self._messages(language, instructions),
-                                     voice=voice, speed=self.config.speed, max_tokens=max_tokens,
-                                     cancel=run.cancel, marks=marks, conversation=self.id):
-                if isinstance(out, SpokenClause):
-                    text = out.text if not text_out else " " + out.text
-                    self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": text})
-                    self._send_audio(out.pcm16, ids)
-                    start = run.audio_ms
-                    run.audio_ms += round(out.seconds * 1000)
-                    run.timeline.append((start, run.audio_ms, out.text))
-                    text_out.append(out.text)
-                elif isinstance(out, TextPiece):
-                    self.send({"type": "response.output_text.delta", **ids, "delta": out.text})
-                    text_out.append(out.text)
+            voice = self.engines.tts.registry.resolve(plan.language, plan.voice) if plan.audio_out else None
+            async for out in respond(self.engines, self.stages, self._messages(plan.language, plan.instructions),
+                                     voice=voice, speed=self.config.speed, max_tokens=plan.max_tokens,
+                                     cancel=run.cancel, marks=marks, conversation=self.id, tools=plan.tools,
+                                     tool_choice=plan.tool_choice):
+                self._emit(run, out)
             if run.cancel.is_set() and run.reason:
                 status = "cancelled"
         except asyncio.CancelledError:
             status = "cancelled"
-        except Exception as e:  # noqa: BLE001 - one turn's failure is reported; the session goes on
+        except Exception as e:  # noqa: BLE001 - one response's failure is reported; the session goes on
             logger.exception("session=%s response failed", self.id)
             status, error = "failed", {"type": "server_error", "code": getattr(e, "code", "server_error"),
                                        "message": str(e)}
+            self.error_event(error["code"], f"the response failed: {e}")
         finally:
             run.cancel.set()
             if self.response is run:
                 self.response = None
-        spoken = (" ".join(text_out) if audio_out else "".join(text_out)).strip()
-        self.timelines[item["id"]] = run.timeline
-        if audio_out:
-            item["content"] = [{"type": "output_audio", "transcript": spoken}]
+        self._close_message(run, status)
+        self._close_response(run, status, error, marks)
+
+    def _emit(self, run: ResponseRun, out: SpokenClause | TextPiece | ToolCall) -> None:
+        if isinstance(out, ToolCall):
+            self._function_call(run, out)
+            return
+        item = self._message(run)
+        ids = run.ids(item, run.output.index(item))
+        if isinstance(out, SpokenClause):
+            text = out.text if not run.text_out else " " + out.text
+            self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": text})
+            self._send_audio(out.pcm16, ids)
+            start = run.audio_ms
+            run.audio_ms += round(out.seconds * 1000)
+            run.timeline.append((start, run.audio_ms, out.text))
         else:
-            item["content"] = [{"type": "output_text", "text": spoken}]
+            self.send({"type": "response.output_text.delta", **ids, "delta": out.text})
+        run.text_out.append(out.text)
+
+    def _add_output(self, run: ResponseRun, item: dict[str, Any], **shown: Any) -> int:
+        """A new output item of the response, added to the conversation (announced with the ``shown`` fields
+        changed); returns its output index."""
+        run.output.append(item)
+        prev = self.items[-1]["id"] if self.items else None
+        self.items.append(item)
+        index = len(run.output) - 1
+        announced = {**item, **shown}
+        self.send({"type": "response.output_item.added", "response_id": run.id, "output_index": index,
+                   "item": announced})
+        self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": announced})
+        return index
+
+    def _message(self, run: ResponseRun) -> dict[str, Any]:
+        """The response's spoken (or written) message item, opened when its first words arrive."""
+        if run.message is None:
+            run.message = {"id": new_id("item"), "object": "realtime.item", "type": "message", "role": "assistant",
+                           "status": "in_progress", "content": []}
+            index = self._add_output(run, run.message)
+            part = {"type": "audio", "transcript": ""} if run.audio_out else {"type": "text", "text": ""}
+            self.send({"type": "response.content_part.added", **run.ids(run.message, index), "part": part})
+        return run.message
+
+    def _function_call(self, run: ResponseRun, call: ToolCall) -> None:
+        """A function call the model made: its item, its arguments (one delta), done."""
+        item = call_item(call)
+        index = self._add_output(run, item, status="in_progress", arguments="")
+        ids = {"response_id": run.id, "item_id": item["id"], "output_index": index, "call_id": call.id}
+        self.send({"type": "response.function_call_arguments.delta", **ids, "delta": call.arguments})
+        self.send({"type": "response.function_call_arguments.done", **ids, "name": call.name,
+                   "arguments": call.arguments})
+        self.send({"type": "response.output_item.done", "response_id": run.id, "output_index": index, "item": item})
+        self.send({"type": "conversation.item.done", "previous_item_id": self._previous_id(item), "item": item})
+        if LOG_CONTENT:
+            logger.info("session=%s function call %s(%s)", self.id, call.name, clip(call.arguments))
+
+    def _previous_id(self, item: dict[str, Any]) -> str | None:
+        i = next((n for n, it in enumerate(self.items) if it is item), 0)
+        return self.items[i - 1]["id"] if i > 0 else None
+
+    def _close_message(self, run: ResponseRun, status: str) -> None:
+        item = run.message
+        if item is None:
+            return
+        spoken = (" ".join(run.text_out) if run.audio_out else "".join(run.text_out)).strip()
+        self.timelines[item["id"]] = run.timeline
+        kind = ("output_audio", "transcript") if run.audio_out else ("output_text", "text")
+        item["content"] = [{"type": kind[0], kind[1]: spoken}]
         item["status"] = "completed" if status == "completed" else "incomplete"
-        if status != "cancelled" or text_out:
-            if audio_out:
-                self.send({"type": "response.output_audio.done", **ids})
-                self.send({"type": "response.output_audio_transcript.done", **ids, "transcript": spoken})
-                done_part = {"type": "audio", "transcript": spoken}
-            else:
-                self.send({"type": "response.output_text.done", **ids, "text": spoken})
-                done_part = {"type": "text", "text": spoken}
-            self.send({"type": "response.content_part.done", **ids, "part": done_part})
-        if not text_out:
-            # nothing was said: keep no empty assistant turn in the history
-            with contextlib.suppress(ValueError):
-                self.items.remove(item)
-        self.send({"type": "response.output_item.done", "response_id": run.id, "output_index": 0, "item": item})
-        if text_out:
-            self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+        ids = run.ids(item, run.output.index(item))
+        if run.audio_out:
+            self.send({"type": "response.output_audio.done", **ids})
+            self.send({"type": "response.output_audio_transcript.done", **ids, "transcript": spoken})
+            part = {"type": "audio", "transcript": spoken}
+        else:
+            self.send({"type": "response.output_text.done", **ids, "text": spoken})
+            part = {"type": "text", "text": spoken}
+        self.send({"type": "response.content_part.done", **ids, "part": part})
+        self.send({"type": "response.output_item.done", "response_id": run.id, "output_index": ids["output_index"],
+                   "item": item})
+        self.send({"type": "conversation.item.done", "previous_item_id": self._previous_id(item), "item": item})
+        if LOG_CONTENT:
+            logger.info("session=%s reply: %s", self.id, spoken)
+
+    def _response_json(self, run: ResponseRun, status: str) -> dict[str, Any]:
+        return {"id": run.id, "object": "realtime.response", "status": status, "output": list(run.output),
+                "output_modalities": ["audio"] if run.audio_out else ["text"], "conversation_id": self.id}
+
+    def _close_response(self, run: ResponseRun, status: str, error: dict[str, Any] | None,
+                        marks: TurnMarks) -> None:
         report = marks.report()
         report["audio_ms"] = run.audio_ms
-        if status == "completed" and run.audio_ms and marks.first_audio is not None:
-            self._playback = (run.id, item["id"], marks.first_audio, run.audio_ms / 1000)
+        if status == "completed" and run.audio_ms and marks.first_audio is not None and run.message is not None:
+            self._playback = (run.id, run.message["id"], marks.first_audio, run.audio_ms / 1000)
         self.turns += 1
         self.latencies.append(report)
         if self.metrics is not None:
             self.metrics.observe_turn(status, report)
         logger.info("session=%s response=%s status=%s latency %s", self.id, run.id, status, json.dumps(report))
-        if LOG_CONTENT:
-            logger.info("session=%s reply: %s", self.id, spoken)
-        resp_json.update({"status": status, "output": [item], "metadata": {
-            "stemme_latency": json.dumps(report, separators=(",", ":"))}})
+        resp = self._response_json(run, status)
+        resp["metadata"] = {"stemme_latency": json.dumps(report, separators=(",", ":"))}
         if status == "cancelled":
-            resp_json["status_details"] = {"type": "cancelled", "reason": run.reason or "client_cancelled"}
+            resp["status_details"] = {"type": "cancelled", "reason": run.reason or "client_cancelled"}
         if error:
-            resp_json["status_details"] = {"type": "failed", "error": error}
-        self.send({"type": "response.done", "response": resp_json, "stemme": {"latency": report}})
+            resp["status_details"] = {"type": "failed", "error": error}
+        self.send({"type": "response.done", "response": resp, "stemme": {"latency": report}})
 
     def _interrupt_playback(self) -> None:
         """Barge-in after the response was fully sent but while the client is still playing it: tell the

@@ -3,10 +3,11 @@ keep answers short and in the user's language."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from stemme.voice import languages
 
@@ -26,6 +27,21 @@ class GenerationOptions:
     """The conversation (session) this answer belongs to: an engine may keep its cache for the conversation's
     next turn. Caches are never shared between conversations (one user's cache must not answer, or time,
     another's). None: nothing is kept."""
+    tools: list[dict[str, Any]] | None = None
+    """Functions the model may call, in the chat-completions shape
+    (``{"type": "function", "function": {"name", "description", "parameters"}}``); None: no tools."""
+    tool_choice: str | dict[str, Any] | None = None
+    """auto (default), none, required, or ``{"type": "function", "function": {"name": ...}}``."""
+
+
+@dataclass
+class ToolCall:
+    """A function call the model asked for instead of (or after) speaking."""
+
+    name: str
+    arguments: str
+    """The arguments as JSON text."""
+    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(8))
 
 
 class ChatEngine(Protocol):
@@ -34,13 +50,85 @@ class ChatEngine(Protocol):
 
     def stream(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         options: GenerationOptions | None = None,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Yield pieces of the answer as they are generated; stop early when ``cancel`` is set.
+    ) -> Iterator[str | ToolCall]:
+        """Yield pieces of the answer as they are generated, and a ToolCall for each complete function call;
+        stop early when ``cancel`` is set. ``messages`` are chat-completions messages: an assistant message may
+        carry ``tool_calls``, and a ``tool`` message (``tool_call_id``, ``content``) carries a call's result.
         Blocking: iterate it from a worker thread."""
         ...
+
+
+FEWSHOT: dict[str, tuple[tuple[str, str], ...]] = {
+    "en": (
+        ('I burnt the cake I was baking.',
+         'Oh no, what a pity! Next time, try a slightly lower oven temperature.'),
+        ('Hello, how are you?',
+         "I'm fine, thank you! What can I do for you?"),
+        ('What is the capital of Japan?',
+         'The capital of Japan is Tokyo.'),
+    ),
+    "fr": (
+        ("J'ai brûlé le gâteau que je faisais.",
+         'Oh non, quel dommage ! La prochaine fois, baisse un peu la température du four.'),
+        ('Salut, comment vas-tu ?',
+         'Je vais bien, merci ! Que puis-je faire pour toi ?'),
+        ('Quelle est la capitale du Japon ?',
+         'La capitale du Japon est Tokyo.'),
+    ),
+    "de": (
+        ('Ich habe den Kuchen verbrennen lassen.',
+         'Oh nein, wie schade! Versuch es nächstes Mal mit etwas weniger Hitze im Ofen.'),
+        ("Hallo, wie geht's?",
+         'Mir geht es gut, danke! Was kann ich für dich tun?'),
+        ('Was ist die Hauptstadt von Japan?',
+         'Die Hauptstadt von Japan ist Tokio.'),
+    ),
+    "es": (
+        ('Se me ha quemado el pastel que estaba haciendo.',
+         '¡Oh, qué pena! La próxima vez, prueba con el horno un poco más bajo.'),
+        ('Hola, ¿cómo estás?',
+         '¡Muy bien, gracias! ¿En qué puedo ayudarte?'),
+        ('¿Cuál es la capital de Japón?',
+         'La capital de Japón es Tokio.'),
+    ),
+    "it": (
+        ('Ho bruciato la torta che stavo preparando.',
+         "Oh no, che peccato! La prossima volta prova con il forno un po' più basso."),
+        ('Ciao, come va?',
+         'Bene, grazie! Cosa posso fare per te?'),
+        ('Qual è la capitale del Giappone?',
+         'La capitale del Giappone è Tokyo.'),
+    ),
+    "pt": (
+        ('Queimei o bolo que estava a fazer.',
+         'Oh não, que pena! Da próxima vez, experimenta o forno um pouco mais baixo.'),
+        ('Olá, como estás?',
+         'Estou bem, obrigado! Em que posso ajudar?'),
+        ('Qual é a capital do Japão?',
+         'A capital do Japão é Tóquio.'),
+    ),
+    "nl": (
+        ('Ik heb de taart laten aanbranden.',
+         'Ach, wat jammer! Probeer de oven de volgende keer iets lager te zetten.'),
+        ('Hallo, hoe gaat het?',
+         'Goed, dank je! Wat kan ik voor je doen?'),
+        ('Wat is de hoofdstad van Japan?',
+         'De hoofdstad van Japan is Tokio.'),
+    ),
+    "pl": (
+        ('Spaliłem ciasto, które piekłem.',
+         'Och, jaka szkoda! Następnym razem spróbuj trochę niższej temperatury piekarnika.'),
+        ('Cześć, jak się masz?',
+         'Dobrze, dziękuję! W czym mogę pomóc?'),
+        ('Jaka jest stolica Japonii?',
+         'Stolicą Japonii jest Tokio.'),
+    ),
+}
+"""Example turns per language: a statement met with a reaction, a greeting returned, a fact stated. None of them
+is in the dialogue benchmark (bench/data/dialogue.json)."""
 
 
 def language_instruction(language: str | None) -> str:
@@ -58,9 +146,13 @@ class Conversation:
     max_turns: int = 8
     """Older turns are dropped to keep the prompt (and the first-token time) short: half of them at a time, so
     that the prompt's start stays the same for several turns (the engine reuses its cache, see PrefixCache)."""
-    turns: list[dict[str, str]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    """Chat messages: user and assistant turns, and function calls with their results."""
+    fewshot: bool = False
+    """Start with example turns in the user's language (FEWSHOT): they show the model how to answer
+    (react to a statement, greet back, state a fact) instead of repeating the user. They hold no user data."""
 
-    def window(self) -> list[dict[str, str]]:
+    def window(self) -> list[dict[str, Any]]:
         limit = 2 * self.max_turns
         if len(self.turns) <= limit:
             return list(self.turns)
@@ -68,13 +160,15 @@ class Conversation:
         start = -(-(len(self.turns) - limit) // step) * step
         return self.turns[start:]
 
-    def messages(self, language: str | None) -> list[dict[str, str]]:
+    def messages(self, language: str | None) -> list[dict[str, Any]]:
         """The instructions with the language to answer in, then the recent turns. While the language stays
         the same, the prompt starts with the previous turn's prompt and answer (the engine reuses its cache).
         Moving the language instruction after the turns would keep that start across language changes too,
         but the 0.5B model then echoed more questions (measured, 24 questions in 8 languages)."""
         system = f"{self.instructions} {language_instruction(language)}"
-        return [{"role": "system", "content": system}, *self.window()]
+        shots = [m for u, a in (FEWSHOT.get(language or "", ()) if self.fewshot else ())
+                 for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        return [{"role": "system", "content": system}, *shots, *self.window()]
 
     def add(self, role: str, content: str) -> None:
         if content.strip():
@@ -97,3 +191,131 @@ class IncrementalDecoder:
         piece = text[self._emitted:]
         self._emitted = len(text)
         return piece
+
+
+_CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolCallExtractor:
+    """Separates function calls written as text from the words to speak, for models whose chat template
+    writes calls inline (Qwen2.5 and Hermes-style templates: ``<tool_call>{"name": …, "arguments": {…}}
+    </tool_call>``). Text before a call is released as it comes; a call is held until it closes, then returned
+    as a ToolCall (malformed JSON is returned as text, so nothing is silently lost)."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._in_call = False
+
+    def push(self, piece: str | ToolCall) -> list[str | ToolCall]:
+        if isinstance(piece, ToolCall):
+            return [piece]
+        self._buf += piece
+        out: list[str | ToolCall] = []
+        while True:
+            if self._in_call:
+                end = self._buf.find(_CALL_CLOSE)
+                if end < 0:
+                    return out
+                out.append(self._parse(self._buf[:end]))
+                self._buf, self._in_call = self._buf[end + len(_CALL_CLOSE):], False
+                continue
+            start = self._buf.find(_CALL_OPEN)
+            if start >= 0:
+                if self._buf[:start]:
+                    out.append(self._buf[:start])
+                self._buf, self._in_call = self._buf[start + len(_CALL_OPEN):], True
+                continue
+            keep = _partial_tag(self._buf)
+            if len(self._buf) > keep:
+                out.append(self._buf[: len(self._buf) - keep])
+                self._buf = self._buf[len(self._buf) - keep:]
+            return out
+
+    def flush(self) -> list[str | ToolCall]:
+        """The end of the answer: an unclosed call is parsed if it is complete JSON."""
+        buf, self._buf = self._buf, ""
+        if self._in_call:
+            self._in_call = False
+            return [self._parse(buf)]
+        return [buf] if buf else []
+
+    @staticmethod
+    def _parse(body: str) -> str | ToolCall:
+        import json
+
+        try:
+            call = json.loads(body.strip())
+            name, args = call["name"], call.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            return f"{_CALL_OPEN}{body}{_CALL_CLOSE}"
+        if not isinstance(name, str):
+            return f"{_CALL_OPEN}{body}{_CALL_CLOSE}"
+        return ToolCall(name=name, arguments=args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+def _partial_tag(buf: str) -> int:
+    """How many characters at the end of ``buf`` could be the start of ``<tool_call>``."""
+    for n in range(min(len(_CALL_OPEN) - 1, len(buf)), 0, -1):
+        if _CALL_OPEN.startswith(buf[-n:]):
+            return n
+    return 0
+
+
+def _words(text: str) -> list[str]:
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", text.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return re.sub(r"[^\w\s]", " ", text).split()
+
+
+class EchoGuard:
+    """Notices an answer that starts by copying the user's words ("I lost my keys." → "I lost my keys."), a
+    habit of small models, before any of it is spoken. The first words of the answer are held until there are
+    enough of them to judge: ``check`` answers None (need more), False (release them) or True (an echo: steer
+    and generate again). Greetings and other utterances under three words are never judged (greeting back is
+    right), and a question's answer may reuse its words in another order ("the capital of Spain is…")."""
+
+    def __init__(self, user_text: str, *, words: int = 6) -> None:
+        self.user = _words(user_text)
+        self.need = min(len(self.user), words)
+        self.active = len(self.user) >= 3
+        self.question = user_text.rstrip().endswith(("?", "？", ";")) or user_text.lstrip().startswith("¿")
+
+    def check(self, answer: str, *, final: bool = False) -> bool | None:
+        if not self.active:
+            return False
+        head = _words(answer)[: self.need]
+        if len(head) < self.need and not final:
+            return None
+        if not head:
+            return False
+        import difflib
+
+        m = difflib.SequenceMatcher(None, self.user[: self.need], head, autojunk=False)
+        if sum(b.size for b in m.get_matching_blocks()) >= 0.8 * self.need:
+            return True  # the user's words, in order
+        if self.question:
+            return False
+        user = set(self.user)
+        return sum(w in user for w in head) >= max(3, 0.8 * len(head))  # a statement restated in other order
+
+
+STEER = ("The user's last message must not be repeated or rephrased: reply to it in your own words (react, "
+         "answer, or offer help).")
+"""Added to the instructions when the echo guard asks for a new answer."""
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            return m["content"]
+    return ""
+
+
+def steered(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same conversation with the anti-echo instruction added to its system message."""
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']} {STEER}"}, *messages[1:]]
+    return [{"role": "system", "content": STEER}, *messages]

@@ -12,14 +12,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import OUTPUT_RATE, StreamResampler, float_to_pcm16
 from stemme.voice.batching import BatchingOptions, MicroBatcher
-from stemme.voice.llm import GenerationOptions
+from stemme.voice.llm import (
+    EchoGuard,
+    GenerationOptions,
+    ToolCall,
+    ToolCallExtractor,
+    last_user_text,
+    steered,
+)
 from stemme.voice.tts import Voice, clean_for_speech
 
 from stemme.config import EngineConfig
@@ -463,14 +470,15 @@ async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, option
     return await stages.asr((engines.asr, audio, options))
 
 
-async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, str]], options: GenerationOptions,
-                     cancel: threading.Event) -> AsyncIterator[str]:
+async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
+                     cancel: threading.Event) -> AsyncIterator[str | ToolCall]:
     """Bridge a generation on the LLM scheduler's thread to an async iterator."""
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+    q: asyncio.Queue[str | ToolCall | BaseException | None] = asyncio.Queue()
 
-    def put(x: str | BaseException | None) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, x)
+    def put(x: str | ToolCall | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens, the engine thread lives on
+            loop.call_soon_threadsafe(q.put_nowait, x)
 
     stages.llm.submit(engines.llm, messages, options, cancel, put)
     finished = False
@@ -488,10 +496,65 @@ async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, 
             cancel.set()  # the consumer left early: the scheduler drops the stream before its next token
 
 
+async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]],
+                         options: GenerationOptions, cancel: threading.Event,
+                         marks: TurnMarks) -> AsyncIterator[str | ToolCall]:
+    """The answer's pieces, with function calls separated from the words (ToolCallExtractor) and the echo
+    guard in front: the first words are held until the guard can judge them; an answer that copies the user's
+    words is dropped before anything is spoken, and a steered one is generated instead (``marks.extra``
+    records it)."""
+    guard = EchoGuard(last_user_text(messages))
+    held: list[str] = []
+    attempt = _extracted(llm_pieces(engines, stages, messages, options, threading.Event()), marks)
+    try:
+        async for p in attempt:
+            if cancel.is_set():
+                return
+            if isinstance(p, ToolCall) or not guard.active:
+                yield p
+                continue
+            held.append(p)
+            verdict = guard.check("".join(held))
+            if verdict is None:
+                continue
+            guard.active = False
+            if not verdict:
+                for h in held:
+                    yield h
+                held.clear()
+                continue
+            break
+        else:
+            if not held or not guard.check("".join(held), final=True):
+                for h in held:
+                    yield h
+                return
+    finally:
+        await attempt.aclose()
+    marks.extra["echo_guard"] = "regenerated"
+    retry = replace(options, temperature=max(options.temperature, 0.3))
+    async for p in _extracted(llm_pieces(engines, stages, steered(messages), retry, cancel), marks):
+        yield p
+
+
+async def _extracted(pieces: AsyncIterator[str | ToolCall], marks: TurnMarks) -> AsyncIterator[str | ToolCall]:
+    extractor = ToolCallExtractor()
+    try:
+        async for p in pieces:
+            if marks.first_token is None:
+                marks.first_token = time.perf_counter()
+            for out in extractor.push(p):
+                yield out
+        for out in extractor.flush():
+            yield out
+    finally:
+        await pieces.aclose()
+
+
 async def respond(
     engines: Engines,
     stages: Stages,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     voice: Voice | None,
     speed: float = 1.0,
@@ -499,27 +562,41 @@ async def respond(
     cancel: threading.Event,
     marks: TurnMarks,
     conversation: str | None = None,
-) -> AsyncIterator[TextPiece | SpokenClause]:
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+) -> AsyncIterator[TextPiece | SpokenClause | ToolCall]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
-    writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token.
-    ``conversation`` (the session id) lets the engine keep this conversation's cache for its next turn."""
-    opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation)
-    pieces = llm_pieces(engines, stages, messages, opts, cancel)
+    writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token. A function
+    call the model makes is yielded as a ToolCall. ``conversation`` (the session id) lets the engine keep this
+    conversation's cache for its next turn."""
+    opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation, tools=tools,
+                             tool_choice=tool_choice)
+    pieces = guarded_pieces(engines, stages, messages, opts, cancel, marks)
     if voice is None:
-        async for p in pieces:
-            if marks.first_token is None:
-                marks.first_token = time.perf_counter()
-            yield TextPiece(p)
+        try:
+            async for p in pieces:
+                yield p if isinstance(p, ToolCall) else TextPiece(p)
+        finally:
+            await pieces.aclose()
         return
+    async for out in _spoken(engines, stages, pieces, voice, speed, cancel, marks):
+        yield out
 
-    clauses: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+async def _spoken(engines: Engines, stages: Stages, pieces: AsyncIterator[str | ToolCall], voice: Voice,
+                  speed: float, cancel: threading.Event, marks: TurnMarks) -> AsyncIterator[SpokenClause | ToolCall]:
+    """Clauses of the answer synthesized one by one while the LLM goes on writing the next."""
+    clauses: asyncio.Queue[str | ToolCall | BaseException | None] = asyncio.Queue()
 
     async def produce() -> None:
         chunker = ClauseChunker()
         try:
             async for p in pieces:
-                if marks.first_token is None:
-                    marks.first_token = time.perf_counter()
+                if isinstance(p, ToolCall):
+                    for c in chunker.flush():
+                        clauses.put_nowait(c)
+                    clauses.put_nowait(p)
+                    continue
                 for c in chunker.push(p):
                     clauses.put_nowait(c)
             for c in chunker.flush():
@@ -533,14 +610,14 @@ async def respond(
 
     producer = asyncio.create_task(produce())
     try:
-        while True:
-            c = await clauses.get()
-            if c is None:
-                break
+        while (c := await clauses.get()) is not None:
             if isinstance(c, BaseException):
                 raise c
             if cancel.is_set():
                 break
+            if isinstance(c, ToolCall):
+                yield c
+                continue
             if not clean_for_speech(c):
                 continue
             pcm = await stages.tts((engines, c, voice, speed))
