@@ -104,7 +104,8 @@ async def run_conversation(engines: Any, stages: Any, conv: dict[str, Any]) -> l
         t0 = time.perf_counter()
         text = ""
         async for piece in respond(engines, stages, history.messages(conv["lang"]), voice=None, marks=marks,
-                                   cancel=threading.Event(), conversation=conv["id"]):
+                                   cancel=threading.Event(), conversation=conv["id"],
+                                   shared_prefix=history.shared_prefix(conv["lang"])):
             if isinstance(piece, TextPiece):
                 text += piece.text
         first = (marks.first_token - t0) * 1000 if marks.first_token else float("nan")

@@ -45,6 +45,17 @@ class ChatTokenizer:
             ids = ids["input_ids"]
         return list(ids)
 
+    def encode_prefix(self, messages: list[dict[str, Any]], prompt: list[int]) -> int:
+        """How many tokens of ``prompt`` render exactly ``messages`` (a leading part of its conversation); 0
+        when the template does not render them as a prefix."""
+        if not messages:
+            return 0
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        return len(ids) if len(ids) < len(prompt) and prompt[: len(ids)] == ids else 0
+
     def decode(self, ids: list[int]) -> str:
         if not self.kept or not any(i in self.kept for i in ids):
             return self.tok.decode(ids, skip_special_tokens=True)
@@ -103,6 +114,8 @@ class Row:
         """Per layer (keys, values) of this row alone, held while the row is out of a batch."""
         self.length = 0
         """Tokens in this row's cache."""
+        self.shared = 0
+        """Leading prompt tokens whose cache all sessions may share (GenerationOptions.shared_prefix)."""
         self.generated_ids: list[int] = []
         self.last = 0
         self.generated = 0
@@ -135,6 +148,8 @@ class BatchDecoderBase:
 
     def add(self, messages: list[dict[str, str]], options: GenerationOptions) -> Row:
         row = Row(self.tokenizer.encode_chat(messages, options), options, self.tokenizer.decode)
+        if options.shared_prefix and not options.tools:
+            row.shared = self.tokenizer.encode_prefix(messages[: options.shared_prefix], row.prompt)
         self.rows.append(row)
         self._new.append(row)
         return row
@@ -236,6 +251,10 @@ class PrefixCache:
         """Conversations dropped lately: an answer cancelled by the close may finish after it."""
         self.hits = 0
         self.reused_tokens = 0
+        self._shared: collections.OrderedDict[tuple[int, ...], list[Any]] = collections.OrderedDict()
+        """Key/value caches of fixed prompt starts that hold no user data (Stemme's system prompt and example
+        turns per language): shared by every session; a few dozen at most."""
+        self.shared_hits = 0
 
     @property
     def size_bytes(self) -> int:
@@ -273,6 +292,21 @@ class PrefixCache:
             self.hits += 1
             self.reused_tokens += m
             return m, kv
+
+    def take_shared(self, prefix: list[int]) -> list[Any] | None:
+        """The cache of a fixed prompt start, if one was stored."""
+        with self._lock:
+            kv = self._shared.get(tuple(prefix))
+            if kv is not None:
+                self._shared.move_to_end(tuple(prefix))
+                self.shared_hits += 1
+            return kv
+
+    def store_shared(self, prefix: list[int], kv: list[Any], max_entries: int = 32) -> None:
+        with self._lock:
+            self._shared[tuple(prefix)] = kv
+            while len(self._shared) > max_entries:
+                self._shared.popitem(last=False)
 
     def drop(self, owner: str) -> None:
         """Forget a conversation (its session closed)."""

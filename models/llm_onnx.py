@@ -106,15 +106,27 @@ class OnnxBatchDecoder(BatchDecoderBase):
 
     def _prefill(self, row: Row) -> int:
         n = len(row.prompt)
-        cache, owner = self.chat.prefix_cache, row.options.conversation
-        m, kv = cache.take(owner, row.prompt) if cache is not None and owner else (0, None)
-        if kv is None:
-            m, kv = 0, self.chat.empty_kv()
-        else:
-            kv = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
+        m, kv = self._cached_start(row)
         logits, row.kv = self.chat.run(np.array([row.prompt[m:]]), np.ones((1, n), np.int64), kv)
         row.length = n
+        cache = self.chat.prefix_cache
+        if cache is not None and row.shared and m < row.shared:
+            cache.store_shared(row.prompt[: row.shared], [(k[:, :, : row.shared].copy(), v[:, :, : row.shared].copy())
+                                                          for k, v in row.kv])
         return greedy_or_sample(logits[0], row.options, self.chat._rng)
+
+    def _cached_start(self, row: Row) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+        """How many prompt tokens are cached already, and their keys/values: the conversation's own cache
+        (its previous turn), else the shared cache of Stemme's fixed prompt start."""
+        cache, owner = self.chat.prefix_cache, row.options.conversation
+        if cache is None:
+            return 0, self.chat.empty_kv()
+        m, kv = cache.take(owner, row.prompt) if owner else (0, None)
+        if kv is None and row.shared:
+            m, kv = row.shared, cache.take_shared(row.prompt[: row.shared])
+        if kv is None:
+            return 0, self.chat.empty_kv()
+        return m, [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
 
     def _retire(self, row: Row) -> None:
         cache, owner = self.chat.prefix_cache, row.options.conversation

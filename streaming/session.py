@@ -460,7 +460,8 @@ class Session:
                 return it["stemme_language"]
         return None
 
-    def _messages(self, language: str | None, instructions: str | None) -> list[dict[str, Any]]:
+    def _conversation(self, instructions: str | None) -> Conversation:
+        """The conversation so far, as the language model sees it."""
         conv = Conversation(instructions=instructions or self.config.instructions or DEFAULT_INSTRUCTIONS)
         for it in self.items:
             if (message := chat_message(it)) is not None:
@@ -471,7 +472,7 @@ class Session:
                 conv.instructions += " " + text
             elif it.get("role") in ("user", "assistant"):
                 conv.add(it["role"], text)
-        return conv.messages(language)
+        return conv
 
     def _plan(self, language_hint: str | None, overrides: dict[str, Any]) -> ResponsePlan:
         """What this response does: the session's configuration with response.create's overrides."""
@@ -498,10 +499,11 @@ class Session:
         status, error = "completed", None
         try:
             voice = self.engines.tts.registry.resolve(plan.language, plan.voice) if plan.audio_out else None
-            async for out in respond(self.engines, self.stages, self._messages(plan.language, plan.instructions),
-                                     voice=voice, speed=self.config.speed, max_tokens=plan.max_tokens,
-                                     cancel=run.cancel, marks=marks, conversation=self.id, tools=plan.tools,
-                                     tool_choice=plan.tool_choice):
+            conv = self._conversation(plan.instructions)
+            async for out in respond(self.engines, self.stages, conv.messages(plan.language), voice=voice,
+                                     speed=self.config.speed, max_tokens=plan.max_tokens, cancel=run.cancel,
+                                     marks=marks, conversation=self.id, tools=plan.tools,
+                                     tool_choice=plan.tool_choice, shared_prefix=conv.shared_prefix(plan.language)):
                 self._emit(run, out)
             if run.cancel.is_set() and run.reason:
                 status = "cancelled"

@@ -32,6 +32,10 @@ class GenerationOptions:
     (``{"type": "function", "function": {"name", "description", "parameters"}}``); None: no tools."""
     tool_choice: str | dict[str, Any] | None = None
     """auto (default), none, required, or ``{"type": "function", "function": {"name": ...}}``."""
+    shared_prefix: int = 0
+    """How many leading messages hold no user data (Stemme's own system prompt and example turns): an engine
+    may share their key/value cache between all sessions, so that a longer fixed prompt costs nothing per turn.
+    0 when the client set its own instructions or tools (sharing those would let one session time another's)."""
 
 
 @dataclass
@@ -169,6 +173,13 @@ class Conversation:
         shots = [m for u, a in (FEWSHOT.get(language or "", ()) if self.fewshot else ())
                  for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
         return [{"role": "system", "content": system}, *shots, *self.window()]
+
+    def shared_prefix(self, language: str | None) -> int:
+        """How many leading messages of ``messages(language)`` hold no user data: Stemme's own instructions
+        and example turns (0 when the instructions are the client's)."""
+        if self.instructions != DEFAULT_INSTRUCTIONS:
+            return 0
+        return 1 + 2 * len(FEWSHOT.get(language or "", ()) if self.fewshot else ())
 
     def add(self, role: str, content: str) -> None:
         if content.strip():

@@ -564,13 +564,15 @@ async def respond(
     conversation: str | None = None,
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
+    shared_prefix: int = 0,
 ) -> AsyncIterator[TextPiece | SpokenClause | ToolCall]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
     writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token. A function
     call the model makes is yielded as a ToolCall. ``conversation`` (the session id) lets the engine keep this
-    conversation's cache for its next turn."""
+    conversation's cache for its next turn; ``shared_prefix`` counts the leading messages without user data
+    (GenerationOptions)."""
     opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation, tools=tools,
-                             tool_choice=tool_choice)
+                             tool_choice=tool_choice, shared_prefix=shared_prefix)
     pieces = guarded_pieces(engines, stages, messages, opts, cancel, marks)
     if voice is None:
         try:
