@@ -19,6 +19,7 @@ import asyncio
 import base64
 import copy
 import json
+import logging
 import random
 import sys
 import time
@@ -29,6 +30,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+logger = logging.getLogger(__name__)
 
 SILENCE_100MS = base64.b64encode(bytes(4800)).decode()
 """0.1 s of 24 kHz PCM16 silence."""
@@ -72,7 +75,7 @@ VALID: list[Callable[[], Event]] = [
     lambda: {"type": "input_audio_buffer.clear"},
     lambda: _user_text("Hi."),
     lambda: _user_text("Bonjour.", "assistant"),
-    lambda: _user_text("Answer in one word.", "system"),
+    lambda: _user_text("One word.", "system"),
     lambda: {"type": "conversation.item.retrieve", "item_id": "item_none"},
     lambda: {"type": "conversation.item.delete", "item_id": "item_none"},
     lambda: {"type": "conversation.item.truncate", "item_id": "item_none", "content_index": 0,
@@ -83,6 +86,10 @@ VALID: list[Callable[[], Event]] = [
     lambda: {"type": "output_audio_buffer.clear"},
 ]
 
+VALID_WEIGHTS = [1.0] * 10 + [0.34] * 3 + [1.0] * 3 + [0.4, 1.0, 1.0]
+"""Items (0.34 each of the three roles) and response.create (0.4) are rarer: every response accepted runs
+the language model on the whole history, and a run must stay bounded in time on two cores."""
+assert len(VALID_WEIGHTS) == len(VALID)
 WRONG_TYPES: list[Any] = [[], {}, [1, "a"], {"a": {}}, 5, -7, 1.5, True, False, None, "x", ""]
 ABSURD_NUMBERS = ["1e309", "-1e309", "1e400", "Infinity", "-Infinity", "NaN", "1e-400", "-0",
                   "18446744073709551616", "-9223372036854775809", "9" * 400, "1" + "0" * 5000,
@@ -134,7 +141,7 @@ class Corpus:
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _base(self) -> Event:
-        return self.rng.choice(VALID)()
+        return self.rng.choices(VALID, VALID_WEIGHTS)[0]()
 
     def _dump(self, event: Any) -> str:
         text = json.dumps(event)
@@ -315,6 +322,8 @@ class Report:
     sync_frames: int = 0
     """Frames of the driver's own (not counted in ``frames``): one every SYNC_EVERY frames, and the probes."""
     wedged: int = 0
+    wedged_how: Counter[str] = field(default_factory=Counter)
+    """What a wedged connection failed to do."""
     """Connections that did not answer a session.update and a response.create after the barrage."""
     seconds: float = 0.0
 
@@ -323,7 +332,7 @@ class Report:
                 "sync_frames": self.sync_frames, "connections": self.connections, "closes": dict(self.closes),
                 "errors": dict(self.errors.most_common()), "responses": dict(self.responses),
                 "transcriptions": dict(self.transcriptions),
-                "wedged": self.wedged, "seconds": round(self.seconds, 1)}
+                "wedged": self.wedged, "wedged_how": dict(self.wedged_how), "seconds": round(self.seconds, 1)}
 
 
 class Link:
@@ -386,15 +395,16 @@ class Link:
         self.report.sync_frames += 1
         await self.wait(mark, lambda e: (e.get("error") or {}).get("event_id") == marker, seconds)
 
-    async def alive(self, n: int, seconds: float) -> bool:
+    async def alive(self, n: int, seconds: float) -> str | None:
         """After the barrage: session.update → session.updated, then a response.create → response.done
-        (waiting out, up to 5 times, a response that was still running)."""
+        (waiting out, up to 5 times, a response that was still running). None when alive, else what failed."""
         marker = f"probe-{n}"
+        await self.ws.send(json.dumps({"type": "response.cancel", "event_id": f"{marker}-cancel"}))
         await self.sync(marker, seconds)
         mark = len(self.events)
         await self.ws.send(json.dumps(RESET))
         if await self.wait(mark, lambda e: e.get("type") == "session.updated", seconds) is None:
-            return False
+            return "no session.updated"
         for attempt in range(5):
             eid = f"{marker}-create-{attempt}"
             mark = len(self.events)
@@ -402,12 +412,13 @@ class Link:
             got = await self.wait(mark, lambda e, eid=eid: e.get("type") == "response.created" or  # type: ignore[misc]
                                   (e.get("error") or {}).get("event_id") == eid, seconds)
             if got is None:
-                return False
+                return "response.create unanswered"
             done = await self.wait(got[0], lambda e: e.get("type") == "response.done", seconds)
             if got[1]["type"] == "response.created":
-                return done is not None
-            # refused: a response of the barrage was still running; it must end, then try again
-        return False
+                return None if done is not None else "no response.done"
+            if done is None:  # refused: a response of the barrage was still running, and it did not end
+                return f"refused ({got[1]['error'].get('code')}), no response.done"
+        return "refused 5 times"
 
 
 async def _open(url: str, binary: bool, report: Report) -> Link:
@@ -435,11 +446,15 @@ async def _drive(url: str, frames: list[Frame], binary: bool, report: Report, n:
         if i % SYNC_EVERY == 0:
             await link.sync(f"sync-{n}-{i}", check_seconds)
     try:
-        alive = not link.closed and await link.alive(n, check_seconds)
+        failed = "closed" if link.closed else await link.alive(n, check_seconds)
     except ConnectionClosed:
-        alive = False
-    if not alive:
+        failed = "closed"
+    if failed:
         report.wedged += 1
+        report.wedged_how[failed] += 1
+        tail = [e.get("type") if e.get("type") != "error" else f"error:{e['error'].get('code')}"
+                for e in link.events[-8:]]
+        logger.warning("fuzz connection %d did not answer: %s; last events %s", n, failed, tail)
     link.ending = True
     await link.ws.close()
     await link.reader
