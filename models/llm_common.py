@@ -11,9 +11,15 @@ from typing import Any
 
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
+from stemme.errors import PromptTooLongError
+
 
 class ChatTokenizer:
     """Renders chat messages with the model's own template and decodes ids (tokenizers, no torch)."""
+
+    max_prompt_tokens = 3072
+    """Longest prompt accepted (set from EngineConfig.llm_max_prompt_tokens): far below the model's context, so
+    that one session cannot hold the shared model (or the memory of its cache) for long."""
 
     def __init__(self, hf_dir: str | Path) -> None:
         from transformers import AutoTokenizer
@@ -43,6 +49,9 @@ class ChatTokenizer:
                                            add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt_tokens} are "
+                                     "accepted (shorten the instructions or the conversation)")
         return list(ids)
 
     def encode_prefix(self, messages: list[dict[str, Any]], prompt: list[int]) -> int:
@@ -317,10 +326,17 @@ class PrefixCache:
                 self._bytes -= old[2]
 
 
-def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001
-    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling."""
+def greedy_or_sample(logits, options: GenerationOptions, rng, generated: list[int] | None = None) -> int:  # noqa: ANN001
+    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling.
+    Tokens the answer already used are penalised (``options.repetition_penalty``), so that a small model does
+    not loop on one phrase."""
     import numpy as np
 
+    if generated and options.repetition_penalty != 1.0:
+        seen = np.fromiter(set(generated), dtype=np.int64)
+        logits = logits.copy()
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / options.repetition_penalty, vals * options.repetition_penalty)
     if options.temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / options.temperature

@@ -58,6 +58,9 @@ class EngineConfig:
     only its new words (first token 0.09 s instead of 0.3-0.45 s by the third turn, measured). 0 turns it off."""
     llm_max_tokens: int = 80
     """Longest answer, in tokens."""
+    llm_max_prompt_tokens: int = 3072
+    """Longest prompt (instructions, examples, history), in tokens: a longer one is refused with an error event.
+    Far below the model's context, so that one session cannot hold the shared model for long."""
     tts_threads: int = field(default_factory=lambda: min(2, _cores()))
     """CPU threads of Kokoro."""
     tts_speed: float = 1.0

@@ -54,6 +54,14 @@ def llm_backend(cfg: EngineConfig) -> str:
 
 
 def load_llm(cfg: EngineConfig) -> ChatEngine:
+    engine = _load_llm(cfg)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.max_prompt_tokens = cfg.llm_max_prompt_tokens
+    return engine
+
+
+def _load_llm(cfg: EngineConfig) -> ChatEngine:
     if cfg.llm_url:  # a remote OpenAI-compatible model: nothing is loaded here
         from stemme.models.llm_openai import RemoteChat
 

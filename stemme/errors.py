@@ -43,3 +43,9 @@ class CancelledError(StemmeError):
     """Work was cancelled on purpose (barge-in, response.cancel, disconnect)."""
 
     code = "cancelled"
+
+
+class PromptTooLongError(StemmeError):
+    """A prompt longer than the language model may take (EngineConfig.llm_max_prompt_tokens)."""
+
+    code = "prompt_too_long"

@@ -301,9 +301,19 @@ def _max_tokens(value: Any, param: str) -> int | None:
     return value
 
 
-def _text(value: Any, param: str) -> str | None:
+MAX_INSTRUCTIONS_CHARS = 16_000
+"""Characters of instructions (session or response), about 4,000 tokens; the whole prompt is also capped in
+tokens by the engine (EngineConfig.llm_max_prompt_tokens). A longer prompt would hold the shared language model
+for seconds and delay every other session."""
+MAX_ITEM_TEXT_CHARS = 16_000
+"""Characters of one text content of a conversation item."""
+
+
+def _text(value: Any, param: str, limit: int = MAX_INSTRUCTIONS_CHARS) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _Invalid(f"'{param}' must be a string", param)
+    if value is not None and len(value) > limit:
+        raise _Invalid(f"'{param}' is limited to {limit} characters", param)
     return value
 
 
@@ -636,6 +646,9 @@ def validate_item(event: dict[str, Any]) -> dict[str, Any]:
                 c.get("text"), str):
             raise ProtocolError("conversation.item.create: only text content (input_text / output_text with "
                                 "'text') is supported", param="item.content", event_id=eid, code="invalid_value")
+        if len(c["text"]) > MAX_ITEM_TEXT_CHARS:
+            raise ProtocolError(f"conversation.item.create: a text is limited to {MAX_ITEM_TEXT_CHARS} characters",
+                                param="item.content", event_id=eid, code="invalid_value")
         ctype = "input_text" if role in ("user", "system") else "output_text"
         out.append({"type": ctype, "text": c["text"]})
     item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")

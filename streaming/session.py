@@ -50,6 +50,9 @@ MAX_BUFFER_SECONDS = 60.0
 LOG_CONTENT = os.environ.get("STEMME_LOG_CONTENT", "") == "1"
 """Privacy: transcripts and replies appear in logs only when the operator sets STEMME_LOG_CONTENT=1."""
 
+RESPONSES_PER_MINUTE = 30
+"""response.create per session and minute (voice turns are paced by speech itself)."""
+
 Send = Callable[[dict[str, Any] | bytes], None]
 
 
@@ -121,6 +124,8 @@ class Session:
         self._playback: tuple[str, str, float, float] | None = None
         """(response_id, item_id, perf time of the first audio sent, seconds sent) of the last finished
         response: the server sends audio faster than real time, so the client may still be playing it."""
+        self._created: deque[float] = deque()
+        """monotonic() times of the last minute's response.create."""
         self.closed = False
         self.turns = 0
         self.latencies: list[dict[str, Any]] = []
@@ -208,6 +213,7 @@ class Session:
             if self.response is not None or self._response_starting:
                 raise ProtocolError("a response is already in progress; cancel it first",
                                     code="conversation_already_has_active_response", event_id=eid)
+            self._rate_limit(eid)
             marks = TurnMarks(speech_end=time.perf_counter(), turn_detected=time.perf_counter())
             self._response_starting = True  # until _respond registers itself, a second create is refused
             self._spawn(self._respond(marks, None, overrides.as_dict()), response=True)
@@ -219,6 +225,17 @@ class Session:
             if self.response is not None:
                 await self.cancel_response("client_cancelled")
             self.send({"type": "output_audio_buffer.cleared", "response_id": None})
+
+    def _rate_limit(self, eid: str | None) -> None:
+        """At most RESPONSES_PER_MINUTE responses asked for by response.create in any minute: the language model
+        is shared, and one client looping on response.create must not take it from the others."""
+        now = time.monotonic()
+        while self._created and now - self._created[0] > 60:
+            self._created.popleft()
+        if len(self._created) >= RESPONSES_PER_MINUTE:
+            raise ProtocolError(f"more than {RESPONSES_PER_MINUTE} responses in a minute; wait a little",
+                                code="rate_limit_exceeded", event_id=eid)
+        self._created.append(now)
 
     def _to_16k(self, data: bytes) -> np.ndarray:
         fmt = self.config.input_format

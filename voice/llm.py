@@ -23,6 +23,9 @@ class GenerationOptions:
     """Upper bound of tokens per answer (spoken answers are short)."""
     temperature: float = 0.0
     """0 decodes greedily (deterministic)."""
+    repetition_penalty: float = 1.0
+    """Above 1: tokens the answer already used are less likely again (the onnxruntime backend; a remote model
+    gets ``frequency_penalty`` from its own server settings)."""
     conversation: str | None = None
     """The conversation (session) this answer belongs to: an engine may keep its cache for the conversation's
     next turn. Caches are never shared between conversations (one user's cache must not answer, or time,
@@ -156,12 +159,19 @@ class Conversation:
     """Start with example turns in the user's language (FEWSHOT): they show the model how to answer
     (react to a statement, greet back, state a fact) instead of repeating the user. They hold no user data."""
 
+    max_chars: int = 6000
+    """Older turns are also dropped (two at a time) while the recent ones hold more characters than this,
+    about 1,500-2,000 tokens: the prompt stays under the engine's cap however long the items are."""
+
     def window(self) -> list[dict[str, Any]]:
         limit = 2 * self.max_turns
-        if len(self.turns) <= limit:
-            return list(self.turns)
-        step = max(2, limit // 2)
-        start = -(-(len(self.turns) - limit) // step) * step
+        start = 0
+        if len(self.turns) > limit:
+            step = max(2, limit // 2)
+            start = -(-(len(self.turns) - limit) // step) * step
+        while start < len(self.turns) - 1 and sum(len(str(t.get("content") or "")) for t in
+                                                  self.turns[start:]) > self.max_chars:
+            start += 2
         return self.turns[start:]
 
     def messages(self, language: str | None) -> list[dict[str, Any]]:

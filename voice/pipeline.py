@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -117,9 +117,10 @@ class _Group:
                 self._end(st, e)
             return 0
         for row, piece, done in events:
-            st = self.streams.get(id(row))
-            if st is None:
+            found = self.streams.get(id(row))
+            if found is None:
                 continue
+            st = found
             if piece:
                 st.put(piece)
             if done:
@@ -204,15 +205,21 @@ class LlmScheduler:
             st.put(exc)
         st.put(None)
 
-    def _admit(self, st: _Stream) -> _Stream | _Group:
-        """Start a new stream; a batching engine's stream joins its group, which is returned to run now."""
+    def _admit(self, st: _Stream) -> _Stream | _Group | None:
+        """Start a new stream; a batching engine's stream joins its group, which is returned to run now. A
+        stream whose prompt is refused (too long, say) fails alone: its consumer gets the error, and the other
+        streams of the group go on (None: nothing to run)."""
         if getattr(st.engine, "batches", False):
             group = self._groups.get(id(st.engine))
             if group is None:
                 group = self._groups[id(st.engine)] = _Group(st.engine, self.max_batch)
             with contextlib.suppress(ValueError):
                 self._active.remove(group)
-            group.add(st)
+            try:
+                group.add(st)
+            except Exception as e:  # noqa: BLE001 - handed to the stream's consumer
+                self._finish(st, e)
+                return group if group.streams else None
             return group
         st.gen = st.engine.stream(st.messages, st.options, st.cancel)
         return st
@@ -236,14 +243,17 @@ class LlmScheduler:
                 if self._stop:
                     for st in self._new:
                         self._finish(st)
-                    for item in self._active:
-                        item.close() if isinstance(item, _Group) else self._finish(item)
+                    for active in self._active:
+                        active.close() if isinstance(active, _Group) else self._finish(active)
                     return
                 head = self._active[0] if self._active else None
+                item: _Stream | _Group | None
                 if self._new and (head is None or getattr(head.engine, "interleaves", True)):
                     item = self._admit(self._new.popleft())
                 else:
                     item = self._active.popleft()
+            if item is None:
+                continue
             if isinstance(item, _Group):
                 self._run_group(item)
                 continue
@@ -471,7 +481,7 @@ async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, option
 
 
 async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
-                     cancel: threading.Event) -> AsyncIterator[str | ToolCall]:
+                     cancel: threading.Event) -> AsyncGenerator[str | ToolCall, None]:
     """Bridge a generation on the LLM scheduler's thread to an async iterator."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[str | ToolCall | BaseException | None] = asyncio.Queue()
@@ -498,7 +508,7 @@ async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, 
 
 async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]],
                          options: GenerationOptions, cancel: threading.Event,
-                         marks: TurnMarks) -> AsyncIterator[str | ToolCall]:
+                         marks: TurnMarks) -> AsyncGenerator[str | ToolCall, None]:
     """The answer's pieces, with function calls separated from the words (ToolCallExtractor) and the echo
     guard in front: the first words are held until the guard can judge them; an answer that copies the user's
     words is dropped before anything is spoken, and a steered one is generated instead (``marks.extra``
@@ -537,7 +547,34 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
         yield p
 
 
-async def _extracted(pieces: AsyncIterator[str | ToolCall], marks: TurnMarks) -> AsyncIterator[str | ToolCall]:
+_SPOKEN_END = re.compile(r"(?<=[^\W\d_])[.!?…。！？]+[\"')\]»]*(?=\s)")
+"""A sentence end: punctuation after a letter (not a list number), before whitespace."""
+
+
+async def _sentences(pieces: AsyncGenerator[str | ToolCall, None],
+                     limit: int) -> AsyncGenerator[str | ToolCall, None]:
+    """At most ``limit`` sentences of text: a spoken reply is one or two sentences, and a small model that
+    runs on (lists, repeated phrases) is stopped there, which also frees the LLM for other sessions."""
+    text = ""
+    try:
+        async for p in pieces:
+            if isinstance(p, ToolCall) or limit <= 0:
+                yield p
+                continue
+            ends = [m.end() for m in _SPOKEN_END.finditer(text + p + " ")]
+            if len(ends) >= limit and ends[limit - 1] <= len(text + p):
+                cut = ends[limit - 1] - len(text)
+                if cut > 0:
+                    yield p[:cut]
+                return
+            text += p
+            yield p
+    finally:
+        await pieces.aclose()
+
+
+async def _extracted(pieces: AsyncGenerator[str | ToolCall, None],
+                     marks: TurnMarks) -> AsyncGenerator[str | ToolCall, None]:
     extractor = ToolCallExtractor()
     try:
         async for p in pieces:
@@ -565,15 +602,16 @@ async def respond(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
     shared_prefix: int = 0,
+    max_sentences: int = 2,
 ) -> AsyncIterator[TextPiece | SpokenClause | ToolCall]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
     writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token. A function
     call the model makes is yielded as a ToolCall. ``conversation`` (the session id) lets the engine keep this
     conversation's cache for its next turn; ``shared_prefix`` counts the leading messages without user data
-    (GenerationOptions)."""
+    (GenerationOptions). The answer stops after ``max_sentences`` sentences (0: no limit)."""
     opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation, tools=tools,
                              tool_choice=tool_choice, shared_prefix=shared_prefix)
-    pieces = guarded_pieces(engines, stages, messages, opts, cancel, marks)
+    pieces = _sentences(guarded_pieces(engines, stages, messages, opts, cancel, marks), max_sentences)
     if voice is None:
         try:
             async for p in pieces:
@@ -585,7 +623,7 @@ async def respond(
         yield out
 
 
-async def _spoken(engines: Engines, stages: Stages, pieces: AsyncIterator[str | ToolCall], voice: Voice,
+async def _spoken(engines: Engines, stages: Stages, pieces: AsyncGenerator[str | ToolCall, None], voice: Voice,
                   speed: float, cancel: threading.Event, marks: TurnMarks) -> AsyncIterator[SpokenClause | ToolCall]:
     """Clauses of the answer synthesized one by one while the LLM goes on writing the next."""
     clauses: asyncio.Queue[str | ToolCall | BaseException | None] = asyncio.Queue()
