@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from stemme.models import packs
-from stemme.voice.asr import AsrOptions, Transcript
+from stemme.voice.asr import AsrOptions, Transcript, choose_language
 
 from stemme.errors import ModelLoadError
 
@@ -69,12 +69,9 @@ class FasterWhisperRecognizer:
         logger.info("ASR faster-whisper loaded from %s on %s/%s in %.2fs", path, device, compute_type,
                     self.load_seconds)
 
-    def _detect(self, audio: np.ndarray, allowed: tuple[str, ...]) -> tuple[str, float]:
+    def _detect(self, audio: np.ndarray, o: AsrOptions) -> tuple[str, float]:
         _lang, _p, probs = self.model.detect_language(audio)
-        best = [(lang, p) for lang, p in probs if lang in allowed]
-        if not best:
-            return _lang, _p
-        lang, p = max(best, key=lambda x: x[1])
+        lang, p = choose_language([(lang, float(p)) for lang, p in probs], o)
         return lang, float(p)
 
     def _prompt(self, language: str, o: AsrOptions) -> list[int]:
@@ -113,9 +110,7 @@ class FasterWhisperRecognizer:
             detected = m.model.detect_language(enc)
             for i, o in enumerate(opts):
                 if o.language is None:
-                    pairs = detected[i]
-                    cands = [(t[2:-2], p) for t, p in pairs if not o.languages or t[2:-2] in o.languages]
-                    langs[i] = max(cands, key=lambda c: c[1]) if cands else (pairs[0][0][2:-2], pairs[0][1])
+                    langs[i] = choose_language([(t[2:-2], float(p)) for t, p in detected[i]], o)
         prompts = [self._prompt(lang, o) for (lang, _), o in zip(langs, opts, strict=True)]
         max_len = min(224, 16 + int(longest / 16000 * 10)) + max(len(p) for p in prompts) - 4
         res = m.model.generate(enc, prompts, beam_size=max(o.beam_size for o in opts), max_length=max_len,
@@ -161,8 +156,8 @@ class FasterWhisperRecognizer:
         with self._lock:
             language = o.language
             prob = 1.0
-            if language is None and o.languages:
-                language, prob = self._detect(audio, o.languages)
+            if language is None:
+                language, prob = self._detect(audio, o)
             segments, info = self.model.transcribe(
                 audio,
                 language=language,
@@ -173,8 +168,6 @@ class FasterWhisperRecognizer:
                 vad_filter=False,
             )
             segs = [(s.start, s.end, s.text) for s in segments]
-        if o.language is None and not o.languages:
-            prob = float(info.language_probability)
         text = " ".join(s[2].strip() for s in segs).strip()
         return Transcript(
             text=text,

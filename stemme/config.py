@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-from stemme.voice import languages
-
 
 def _cores() -> int:
     return os.cpu_count() or 1
@@ -75,8 +73,10 @@ class EngineConfig:
     """Clauses synthesized at the same time; 0: auto (4 on CUDA, 1 on CPU)."""
     voices_file: str | None = None
     """JSON list of operator voices (see voice/tts.py: Voice); they come before the defaults."""
-    languages: tuple[str, ...] = languages.SUPPORTED
-    """Languages the ASR may detect (None/empty: any Whisper language)."""
+    languages: tuple[str, ...] = ()
+    """Languages the ASR may detect (STEMME_LANGUAGES=cs,sk,de). Empty (the default): every language Whisper
+    knows, leaning toward the eight tested ones (voice/languages.py: SUPPORTED) only when Whisper is unsure
+    (best guess below 0.5, e.g. a single word; voice/asr.py: AsrOptions.prefer)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> EngineConfig:
