@@ -36,10 +36,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/stemme/venv
 ENV PATH=/opt/stemme/venv/bin:$PATH
 WORKDIR /src
 # A network that inspects TLS needs its CA: `--secret id=pip_cert,src=CA_BUNDLE` (used by pip only, not kept).
+# pip upgraded as setup.sh does: Debian's venv brings pip 23.0, whose legacy `setup.py install` of a source
+# package (ttspico) leaves its data files out of the install record, and the model pack check then misses them
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv /opt/stemme/venv && pip install --no-cache-dir --upgrade pip
 RUN --mount=type=bind,from=wheels,target=/wheels --mount=type=secret,id=pip_cert \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && if ls /wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1; then \
