@@ -84,11 +84,8 @@ def warm_up(engines: Engines, batching: bool = False) -> None:
     t = time.perf_counter()
     engines.load_all()
     engines.asr.transcribe(np.zeros(16000, np.float32))
-    conv = Conversation()
-    conv.add("user", "Hi")
     try:
-        for _ in engines.llm.stream(conv.messages("en"), GenerationOptions(max_new_tokens=2)):
-            pass
+        _warm_llm(engines)
     except StemmeError as e:
         if not getattr(engines.llm, "remote", False):
             raise
@@ -107,6 +104,19 @@ def warm_up(engines: Engines, batching: bool = False) -> None:
             engines.tts.synthesize_batch(["Hello.", "Hi."], v)  # prepares the voice's batch graph once
             warmed.add(v.name)
     logger.info("engines warmed up in %.1fs", time.perf_counter() - t)
+
+
+def _warm_llm(engines: Engines) -> None:
+    """One short answer, which also computes the shared cache of Stemme's fixed prompt start (instructions
+    and example turns) of each language that has examples, so that no user's first turn pays for it."""
+    from stemme.voice.llm import FEWSHOT
+
+    for lang in dict.fromkeys(["en", *(FEWSHOT if Conversation().fewshot else ())]):
+        conv = Conversation()
+        conv.add("user", "Hi")
+        opts = GenerationOptions(max_new_tokens=2 if lang == "en" else 1, shared_prefix=conv.shared_prefix(lang))
+        for _ in engines.llm.stream(conv.messages(lang), opts):
+            pass
 
 
 class StemmeServer:
@@ -185,9 +195,10 @@ class StemmeServer:
         from stemme.voice import languages
 
         reg = self.engines.tts.registry
-        langs = [lang for lang in self.engines.config.languages if reg.for_language(lang)]
-        voices = [{"name": v.name, "language": v.language, "engine": v.engine, "description": v.description}
-                  for lang in langs for v in reg.for_language(lang)]
+        order = self.engines.config.languages or tuple(dict.fromkeys((*languages.EUROPEAN, *languages.WHISPER)))
+        langs = [lang for lang in order if reg.for_language(lang)]
+        voices = [{"name": v.name, "language": v.language, "engine": v.engine, "description": v.description,
+                   "default": i == 0} for lang in langs for i, v in enumerate(reg.for_language(lang))]
         return {"languages": [{"code": code, "name": languages.NATIVE.get(code, languages.name(code))}
                               for code in langs], "voices": voices}
 

@@ -12,9 +12,13 @@ from typing import Any, Protocol
 from stemme.voice import languages
 
 DEFAULT_INSTRUCTIONS = (
-    "You are Stemme, a friendly voice assistant. Your answers are spoken aloud, so answer in one or two short, "
-    "plain sentences, without lists, markdown, code or emojis."
+    "You are a friendly voice assistant. Your replies are spoken aloud: one or two short sentences, plain words, "
+    "no lists, markdown or emojis. Never repeat the user's words back. Answer questions directly with the fact. "
+    "When the user tells you something, react to it: show sympathy or joy, or give a short helpful tip. "
+    "When greeted, greet back and offer help."
 )
+"""Measured with bench/dialogue.py against the first prompt (which named the assistant, and the model then put
+the name into its answers): fewer echoes, same language accuracy (docs/benchmarks.md, dialogue)."""
 
 
 @dataclass
@@ -155,7 +159,7 @@ class Conversation:
     that the prompt's start stays the same for several turns (the engine reuses its cache, see PrefixCache)."""
     turns: list[dict[str, Any]] = field(default_factory=list)
     """Chat messages: user and assistant turns, and function calls with their results."""
-    fewshot: bool = False
+    fewshot: bool = True
     """Start with example turns in the user's language (FEWSHOT): they show the model how to answer
     (react to a statement, greet back, state a fact) instead of repeating the user. They hold no user data."""
 
