@@ -3,6 +3,9 @@ would), one fresh session per utterance, and prints p50/p95 of each stage.
 
     python bench/latency.py [--url ws://127.0.0.1:8000] [--rounds 2] [--binary] [--langs en,fr,...]
 
+Languages: any with sentence recordings in tests/data/speech (en, es, fr, it, nl, ru, cs; de and pt hold single
+words only, so they are left out). Each language is also reported on its own, with the voice that spoke it.
+
 Without --url it starts a server in this process on a free port (models load once, warm-up included).
 Stages (ms, from the server's response.done report):
   end_of_turn   last voiced input sample -> end of turn decided (silence_duration_ms of silence)
@@ -73,6 +76,8 @@ async def main() -> None:
         print(f"engines: asr_threads={cfg.asr_threads} llm_threads={cfg.llm_threads} tts_threads={cfg.tts_threads}"
               f" llm={server.engines.llm.name}")
     langs = args.langs.split(",")
+    if server:
+        warm_voices(server.engines, langs)
     rows = [r for r in manifest() if r["language"] in langs and r["kind"] not in ("isolated word",)]
     files = []
     for lang in langs:
@@ -94,8 +99,28 @@ async def main() -> None:
         vals = [r[key] for r in ok if r.get(key) is not None]
         if vals:
             print(f"{name:16} {pct(vals, 0.5):8.0f} {pct(vals, 0.95):8.0f}")
+    per_language(ok, langs, server.engines if server else None)
     if server:
         print(f"peak RSS of the process (server with every model, and the client): {peak_rss_mb():.0f} MB")
+
+
+def warm_voices(engines: Engines, langs: list[str]) -> None:
+    """Load each language's default voice before timing (the server warms one voice per engine)."""
+    for lang in langs:
+        engines.tts.synthesize("Hello.", engines.tts.registry.resolve(lang))
+
+
+def per_language(ok: list[dict], langs: list[str], engines: Engines | None) -> None:
+    print(f"{'lang':4} {'voice':26} {'turns':>5} {'tts_first p50':>13} {'p95':>6} {'v2v p50':>8} {'p95':>6}")
+    for lang in langs:
+        rows = [r for r in ok if r["file"].startswith(f"{lang}/")]
+        if not rows:
+            continue
+        voice = engines.tts.registry.resolve(lang).name if engines else "(server's default)"
+        tts = [r["tts_first_audio_ms"] for r in rows if r.get("tts_first_audio_ms") is not None]
+        v2v = [r["voice_to_voice_ms"] for r in rows]
+        print(f"{lang:4} {voice:26} {len(rows):5} {pct(tts, .5):13.0f} {pct(tts, .95):6.0f} {pct(v2v, .5):8.0f} "
+              f"{pct(v2v, .95):6.0f}")
 
 
 if __name__ == "__main__":

@@ -130,18 +130,23 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 def cmd_voices(args: argparse.Namespace) -> int:
     from stemme.engines import load_tts
+    from stemme.voice import languages
 
     tts = load_tts(_config(args))
     reg = tts.registry
-    for lang in sorted({v.language for v in reg.voices}):
+    known = {v.language for v in reg.voices}
+    for lang in [c for c in dict.fromkeys((*languages.EUROPEAN, *sorted(known))) if c in known]:
+        best = reg.for_language(lang)
         for v in reg.for_language(lang, only_available=False):
             ok = reg.available(v)
+            default = ok and v == best[0]
             if args.json:
-                print(json.dumps({"language": lang, "name": v.name, "engine": v.engine, "available": ok,
-                                  "default": ok and v == reg.for_language(lang)[0]}))
+                print(json.dumps({"language": lang, "language_name": languages.name(lang), "name": v.name,
+                                  "engine": v.engine, "available": ok, "default": default,
+                                  "description": v.description}, ensure_ascii=False))
             else:
-                mark = "*" if ok and v == reg.for_language(lang)[0] else (" " if ok else "-")
-                print(f"{lang}  {mark} {v.name:28} {v.description}{'' if ok else ' (not available)'}")
+                mark = "*" if default else (" " if ok else "-")
+                print(f"{lang:4} {mark} {v.name:26} {v.engine:7} {v.description}{'' if ok else ' (not available)'}")
     return 0
 
 

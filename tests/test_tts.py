@@ -1,10 +1,9 @@
-"""Speech synthesis: round trip through the real ASR in eight languages, streaming, levels, registry."""
+"""Speech synthesis: round trip through the real ASR in the eight first languages, streaming, levels, registry.
+(The further European languages: tests/test_voices.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from stemme.voice.tts import Voice, VoiceRegistry, clean_for_speech, load_voice_
 from stemme.errors import ConfigError, VoiceNotFoundError
 from stemme.scoring import char_errors
 
-CER_MAX = 0.15
+CER_MAX = {"en": 0.12, "fr": 0.12, "de": 0.12, "es": 0.12, "it": 0.12, "pt": 0.12, "nl": 0.20, "pl": 0.20}
+"""Native voices in six languages; Dutch and Polish have none (the best measured stand-in speaks them)."""
 
 
 @pytest.mark.parametrize("lang", SUPPORTED)
@@ -34,7 +34,7 @@ def test_round_trip_character_error_rate(engines, sentences, lang):
         errors += e
         total += n
         heard.append(t.text)
-    assert errors / total <= CER_MAX, f"{lang} via {voice.name}: CER {errors / total:.3f}; heard {heard}"
+    assert errors / total <= CER_MAX[lang], f"{lang} via {voice.name}: CER {errors / total:.3f}; heard {heard}"
 
 
 def test_default_voices_cover_every_language(engines):
@@ -42,7 +42,7 @@ def test_default_voices_cover_every_language(engines):
     for lang in SUPPORTED:
         v = reg.resolve(lang)
         assert v.language == lang
-        assert v.engine in ("piper", "kokoro")
+        assert v.engine in ("piper", "kokoro", "pico")
     assert reg.resolve("en").engine == "piper"
 
 
@@ -76,23 +76,23 @@ def test_espeak_last_resort_speaks(engines):
     assert a.seconds > 0.3 and np.abs(a.samples).max() > 0.05
 
 
-def test_pico_engine_with_a_fake_binary(tmp_path: Path, monkeypatch):
-    # Fake pico2wave for the logic: writes a WAV of a tone; the real one is Debian non-free.
-    script = tmp_path / "pico2wave"
-    script.write_text("#!/usr/bin/env python3\nimport sys, wave, math\nout = sys.argv[sys.argv.index('-w') + 1]\n"
-                      "w = wave.open(out, 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)\n"
-                      "w.writeframes(b''.join(int(8000*math.sin(i/10)).to_bytes(2,'little',signed=True) "
-                      "for i in range(16000)))\nw.close()\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+def test_pico_speaks_natively_without_clipping(engines):
+    tts = engines.tts
+    v = tts.registry.resolve("de")
+    assert v.engine == "pico"
+    a = tts.synthesize("Das Wetter ist heute schön, also gehen wir in den Park.", v)
+    assert a.rate == 16000 and 2.0 < a.seconds < 6.0
+    assert np.max(np.abs(a.samples)) < 0.9 and np.sum(np.abs(a.samples) >= 0.999) == 0
+    slow = tts.synthesize("Das Wetter ist heute schön, also gehen wir in den Park.", v, speed=0.8)
+    assert slow.seconds > a.seconds * 1.1
+
+
+def test_pico_reads_markup_characters_as_text(engines):
     from stemme.models.tts_pico import PicoEngine
 
-    eng = PicoEngine()
-    v = Voice("pico:fr-FR", "fr", "pico", phonemes="fr-FR")
-    assert eng.available(v)
-    a = eng.synthesize("bonjour", v)
-    assert a.rate == 16000 and abs(a.seconds - 1.0) < 0.01
-    assert not list(tmp_path.glob("*.wav")), "the temporary file must be removed"
+    v = Voice("pico:en-US", "en", "pico", phonemes="en-US")
+    a = PicoEngine().synthesize("Five <speed level='20'> is more & less than six.", v)
+    assert 1.0 < a.seconds < 6.0, "markup in the text must not change the speed"
 
 
 class FakeEngine:

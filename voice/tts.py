@@ -55,27 +55,70 @@ class TtsEngine(Protocol):
         ...
 
 
-_KOKORO_LANG = {"en": "en-us", "fr": "fr-fr", "de": "de", "es": "es", "it": "it", "pt": "pt-br", "nl": "nl",
-                "pl": "pl", "cs": "cs", "sv": "sv", "da": "da", "ro": "ro", "fi": "fi"}
-_PICO_LANG = {"en": "en-US", "de": "de-DE", "es": "es-ES", "fr": "fr-FR", "it": "it-IT"}
-_ESPEAK_LANG = {"en": "en-us", "pt": "pt-br"}
+def make_voice(language: str, engine: str, style: str | None = None, *, speed: float = 1.0,
+               description: str = "") -> Voice:
+    """A voice for a language by engine: 'kokoro' with a style vector (espeak-ng phonemes of the language),
+    'pico' with a Pico language tag in ``style`` (e.g. de-DE), 'espeak', or 'piper' with its model name."""
+    if engine == "kokoro":
+        name = f"kokoro:{style}:{language}" + ("" if speed == 1.0 else f"@{speed:g}")
+        return Voice(name, language, engine, style=style, phonemes=languages.espeak_voice(language), speed=speed,
+                     description=description)
+    if engine == "pico":
+        return Voice(f"pico:{style}", language, engine, phonemes=style, speed=speed, description=description)
+    if engine == "espeak":
+        return Voice(f"espeak:{language}", language, engine, phonemes=languages.espeak_voice(language) or language,
+                     speed=speed, description=description)
+    if engine == "piper":
+        return Voice(f"piper:{style}", language, engine, speed=speed, description=description)
+    raise ConfigError(f"unknown voice engine {engine!r}")
+
+
+NATIVE_CHOICE: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "en": (("piper", "en_US-joe-medium", "Piper joe, US English (native)"),
+           ("kokoro", "af_heart", "Kokoro v1.0 af_heart, US English (native)"),
+           ("pico", "en-US", "SVOX Pico, US English (native, robotic)"),
+           ("pico", "en-GB", "SVOX Pico, British English (native, robotic)")),
+    "fr": (("kokoro", "ff_siwis", "Kokoro v1.0 ff_siwis (native French)"),
+           ("pico", "fr-FR", "SVOX Pico (native French, robotic, fastest)")),
+    "es": (("kokoro", "ef_dora", "Kokoro v1.0 ef_dora (native Spanish)"),
+           ("kokoro", "em_alex", "Kokoro v1.0 em_alex (native Spanish)"),
+           ("kokoro", "em_santa", "Kokoro v1.0 em_santa (native Spanish)"),
+           ("pico", "es-ES", "SVOX Pico (native Spanish, robotic, fastest)")),
+    "it": (("kokoro", "if_sara", "Kokoro v1.0 if_sara (native Italian)"),
+           ("kokoro", "im_nicola", "Kokoro v1.0 im_nicola (native Italian)"),
+           ("pico", "it-IT", "SVOX Pico (native Italian, robotic, fastest)")),
+    "pt": (("kokoro", "pf_dora", "Kokoro v1.0 pf_dora (native Brazilian Portuguese)"),
+           ("kokoro", "pm_alex", "Kokoro v1.0 pm_alex (native Brazilian Portuguese)"),
+           ("kokoro", "pm_santa", "Kokoro v1.0 pm_santa (native Brazilian Portuguese)")),
+    "de": (("pico", "de-DE", "SVOX Pico (native German, robotic, fastest)"),
+           ("kokoro", "im_nicola", "Kokoro v1.0 im_nicola with German phonemes (Italian accent)")),
+}
+"""Languages with a native voice: the candidates, best first by measurement (docs/voices.md)."""
+
+STAND_IN = "im_nicola"
+"""The Kokoro vector that reads languages without a voice of their own (through espeak-ng phonemes) best:
+measured against the other European and English vectors in Dutch, Polish and Russian (docs/voices.md)."""
+
+
+def voice_choice(lang: str) -> list[tuple[str, str | None, str]]:
+    """(engine, style, notes) of a language's voices, best first; espeak-ng last wherever it reads the language."""
+    name = languages.name(lang)
+    lent = languages.BORROWED.get(lang)
+    reading = f"{name} read with {languages.name(lent)} phonemes" if lent else f"{name} phonemes"
+    out: list[tuple[str, str | None, str]] = list(NATIVE_CHOICE.get(lang, ()))
+    if not out and lang in languages.EUROPEAN and languages.espeak_voice(lang):
+        out.append(("kokoro", STAND_IN, f"Kokoro v1.0 {STAND_IN} with {reading} (no native neural voice: "
+                                        "an Italian accent)"))
+    if languages.espeak_voice(lang):
+        out.append(("espeak", None, f"espeak-ng{', ' + reading if lent else ''} (robotic; last resort)"))
+    return out
 
 
 def default_voices() -> list[Voice]:
-    """The embedded voices, best first for each language."""
-    out = [Voice("piper:en_US-joe-medium", "en", "piper", description="Piper joe, US English (embedded)")]
-    for lang in languages.SUPPORTED:
-        # Kokoro's European phonemes through its best Japanese style vector: intelligible, with an accent.
-        # A little slower than its default rate: measurably better understood (docs/benchmarks.md).
-        out.append(Voice(f"kokoro:jm_kumo:{lang}", lang, "kokoro", style="jm_kumo", phonemes=_KOKORO_LANG[lang],
-                         speed=0.9, description=f"Kokoro-82M int8, style jm_kumo, {languages.name(lang)} phonemes"))
-    for lang, tag in _PICO_LANG.items():
-        out.append(Voice(f"pico:{tag}", lang, "pico", phonemes=tag,
-                         description="SVOX Pico (if the operator installed libttspico-utils)"))
-    for lang in languages.SUPPORTED:
-        out.append(Voice(f"espeak:{lang}", lang, "espeak", phonemes=_ESPEAK_LANG.get(lang, lang),
-                         description="espeak-ng (last resort)"))
-    return out
+    """The embedded voices, best first for each language: every Whisper language that some voice reads."""
+    return [make_voice(lang, engine, style, description=notes)
+            for lang in dict.fromkeys((*languages.EUROPEAN, *languages.WHISPER))
+            for engine, style, notes in voice_choice(lang)]
 
 
 def load_voice_file(path: str | Path) -> list[Voice]:

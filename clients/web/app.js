@@ -19,12 +19,18 @@
       const r = await fetch('/v1/voices');
       const data = await r.json();
       const lang = $('language'), voice = $('voice');
+      const groups = new Map();
       for (const l of data.languages) {
         const o = document.createElement('option'); o.value = l.code; o.textContent = `${l.name} (${l.code})`; lang.append(o);
+        const g = document.createElement('optgroup'); g.label = `${l.name} (${l.code})`; g.dataset.language = l.code;
+        groups.set(l.code, g); voice.append(g);
       }
+      // every voice, grouped by language, best first; the label carries the engine and the quality notes
       for (const v of data.voices) {
-        const o = document.createElement('option'); o.value = v.name; o.textContent = `${v.name} [${v.language}]`;
-        o.dataset.language = v.language; voice.append(o);
+        const o = document.createElement('option'); o.value = v.name;
+        o.textContent = `${v.default ? '★ ' : ''}${v.name}${v.description ? ' — ' + v.description : ''}`;
+        o.title = v.description || ''; o.dataset.language = v.language; o.dataset.engine = v.engine;
+        (groups.get(v.language) || voice).append(o);
       }
     } catch (e) {
       // a connection problem, if any, is the message that matters
@@ -184,8 +190,10 @@
 
   $('mic').addEventListener('click', () => (micStream ? stopMic() : startMic()));
   $('language').addEventListener('change', () => {
-    const l = $('language').value;
-    for (const o of $('voice').options) o.hidden = !!(l && o.dataset.language && o.dataset.language !== l);
+    const l = $('language').value, voice = $('voice');
+    for (const g of voice.querySelectorAll('optgroup')) g.hidden = !!(l && g.dataset.language !== l);
+    for (const o of voice.options) o.hidden = !!(l && o.dataset.language && o.dataset.language !== l);
+    if (voice.selectedOptions[0] && voice.selectedOptions[0].hidden) voice.value = '';
     sessionUpdate();
   });
   $('voice').addEventListener('change', sessionUpdate);
