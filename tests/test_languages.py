@@ -106,11 +106,12 @@ def ru_cs(engines, manifest):
 def test_russian_is_transcribed_in_russian(ru_cs):
     wer, langs = ru_cs
     assert langs["ru"] == ["ru"] * 5, langs
-    # measured: docs/voices.md (bench/asr.py --languages)
+    # measured: Stemme 0.18, bare faster-whisper 0.27, the old clamp 0.97 (docs/voices.md)
     assert wer["stemme"]["ru"] <= wer["bare"]["ru"] + 0.10, wer
 
 
 def test_czech_is_transcribed_in_czech(ru_cs):
     wer, langs = ru_cs
     assert langs["cs"].count("cs") >= 2, langs
+    # measured: Stemme 0.57, bare faster-whisper 0.57 (the same short line heard as Slovak), the old clamp 0.74
     assert wer["stemme"]["cs"] <= wer["bare"]["cs"] + 0.15, wer
