@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from stemme.models import packs
@@ -43,7 +44,7 @@ class EspeakPhonemizer:
 
         EspeakWrapper.set_library(espeakng_loader.get_library_path())
         EspeakWrapper.set_data_path(espeakng_loader.get_data_path())
-        self._backends: dict[str, object] = {}
+        self._backends: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def __call__(self, text: str, language: str) -> str:
