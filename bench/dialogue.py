@@ -105,7 +105,7 @@ async def run_conversation(engines: Any, stages: Any, conv: dict[str, Any]) -> l
         text = ""
         async for piece in respond(engines, stages, history.messages(conv["lang"]), voice=None, marks=marks,
                                    cancel=threading.Event(), conversation=conv["id"],
-                                   shared_prefix=history.shared_prefix(conv["lang"])):
+                                   shared_prefix=history.shared_prefix(conv["lang"]), language=conv["lang"]):
             if isinstance(piece, TextPiece):
                 text += piece.text
         first = (marks.first_token - t0) * 1000 if marks.first_token else float("nan")

@@ -33,7 +33,7 @@ from stemme.streaming.protocol import (
 from stemme.streaming.tools import ToolError, call_item, chat_message, chat_tool_choice, chat_tools, function_item
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import ASR_RATE, StreamResampler, g711_to_float, pcm16_to_float
-from stemme.voice.llm import DEFAULT_INSTRUCTIONS, Conversation, ToolCall
+from stemme.voice.llm import DEFAULT_INSTRUCTIONS, TOOLS_INSTRUCTIONS, Conversation, ToolCall
 from stemme.voice.pipeline import SpokenClause, Stages, TextPiece, TurnMarks, respond, transcribe
 from stemme.voice.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadOptions, VadStream
 
@@ -477,9 +477,11 @@ class Session:
                 return it["stemme_language"]
         return None
 
-    def _conversation(self, instructions: str | None) -> Conversation:
-        """The conversation so far, as the language model sees it."""
-        conv = Conversation(instructions=instructions or self.config.instructions or DEFAULT_INSTRUCTIONS)
+    def _conversation(self, instructions: str | None, *, tools: bool = False) -> Conversation:
+        """The conversation so far, as the language model sees it (with functions offered, Stemme's own
+        instructions are the tool-calling variant and there are no example turns)."""
+        default = TOOLS_INSTRUCTIONS if tools else DEFAULT_INSTRUCTIONS
+        conv = Conversation(instructions=instructions or self.config.instructions or default, fewshot=not tools)
         for it in self.items:
             if (message := chat_message(it)) is not None:
                 conv.turns.append(message)
@@ -497,6 +499,8 @@ class Session:
         choice = overrides.get("tool_choice", self.config.tool_choice)
         if isinstance(choice, dict) and not any(t["name"] == choice["name"] for t in tool_list):
             choice = "auto"  # a named tool the session no longer declares
+        if self._after_function_result() and not getattr(self.engines.llm, "remote", False):
+            tool_list, choice = [], "none"  # the embedded model speaks the result (offered tools, it calls again)
         return ResponsePlan(
             language=self._language(language_hint),
             audio_out="audio" in (overrides.get("output_modalities") or self.config.output_modalities),
@@ -505,6 +509,10 @@ class Session:
             instructions=overrides.get("instructions"),
             voice=overrides.get("voice") or self.config.voice,
             tools=chat_tools(tool_list), tool_choice=chat_tool_choice(choice))
+
+    def _after_function_result(self) -> bool:
+        """The conversation's last item is a function's result: this response reports it."""
+        return bool(self.items) and self.items[-1].get("type") == "function_call_output"
 
     async def _respond(self, marks: TurnMarks, language_hint: str | None, overrides: dict[str, Any]) -> None:
         plan = self._plan(language_hint, overrides)
@@ -516,11 +524,12 @@ class Session:
         status, error = "completed", None
         try:
             voice = self.engines.tts.registry.resolve(plan.language, plan.voice) if plan.audio_out else None
-            conv = self._conversation(plan.instructions)
+            conv = self._conversation(plan.instructions, tools=bool(plan.tools))
             async for out in respond(self.engines, self.stages, conv.messages(plan.language), voice=voice,
                                      speed=self.config.speed, max_tokens=plan.max_tokens, cancel=run.cancel,
                                      marks=marks, conversation=self.id, tools=plan.tools,
-                                     tool_choice=plan.tool_choice, shared_prefix=conv.shared_prefix(plan.language)):
+                                     tool_choice=plan.tool_choice, shared_prefix=conv.shared_prefix(plan.language),
+                                     language=plan.language):
                 self._emit(run, out)
             if run.cancel.is_set() and run.reason:
                 status = "cancelled"

@@ -125,7 +125,7 @@ def test_echo_guard_catches_and_replaces_a_real_echo(engines, lang: str) -> None
         return out, marks
 
     reply, marks = asyncio.run(guarded())
-    assert marks.extra.get("echo_guard") == "regenerated"
+    assert marks.extra.get("echo_guard") in ("regenerated", "acknowledged")  # a steered answer, or a last resort
     assert reply.strip() and not EchoGuard(text).check(reply, final=True), reply
 
 
@@ -207,3 +207,9 @@ async def test_sdk_tool_calls_in_eight_languages(server, record_property) -> Non
     record_property("tool_call_rate", f"{sum(hits.values())}/{len(hits)}")
     print("tool calls with the city:", hits)
     assert sum(hits.values()) >= 6, hits
+
+
+def test_echo_guard_waits_for_whole_words() -> None:
+    guard = EchoGuard("Ich habe heute meinen Schlüssel verloren.")
+    assert guard.check("Ich habe heute meine Schlüssel ver") is None  # "ver…" is not a word yet
+    assert guard.check("Ich habe heute meine Schlüssel verloren.")

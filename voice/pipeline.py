@@ -13,13 +13,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import OUTPUT_RATE, StreamResampler, float_to_pcm16
 from stemme.voice.batching import BatchingOptions, MicroBatcher
 from stemme.voice.llm import (
+    ACKNOWLEDGE,
     EchoGuard,
     GenerationOptions,
     ToolCall,
@@ -507,15 +508,36 @@ async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, 
 
 
 async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]],
-                         options: GenerationOptions, cancel: threading.Event,
-                         marks: TurnMarks) -> AsyncGenerator[str | ToolCall, None]:
+                         options: GenerationOptions, cancel: threading.Event, marks: TurnMarks,
+                         language: str | None = None) -> AsyncGenerator[str | ToolCall, None]:
     """The answer's pieces, with function calls separated from the words (ToolCallExtractor) and the echo
-    guard in front: the first words are held until the guard can judge them; an answer that copies the user's
-    words is dropped before anything is spoken, and a steered one is generated instead (``marks.extra``
-    records it)."""
+    guard in front: the first words are held until the guard can judge them, and an answer that copies the
+    user's words is dropped before anything is spoken. Then a steered answer is generated; if that one echoes
+    too, a short acknowledgement in the user's language is spoken instead (``marks.extra["echo_guard"]``)."""
+    retry = replace(options, temperature=max(options.temperature, 0.3))
+    for outcome, msgs, opts in (("regenerated", messages, options), ("acknowledged", steered(messages), retry)):
+        echoed = False
+        async for p in _judged(engines, stages, msgs, opts, cancel, marks):
+            if p is _ECHO:
+                echoed = True
+                break
+            yield cast("str | ToolCall", p)
+        if not echoed or cancel.is_set():
+            return
+        marks.extra["echo_guard"] = outcome
+    yield ACKNOWLEDGE.get(language or "", ACKNOWLEDGE["en"])
+
+
+_ECHO = object()
+"""Sent by _judged instead of the answer's words when they copy the user's."""
+
+
+async def _judged(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
+                  cancel: threading.Event, marks: TurnMarks) -> AsyncGenerator[object, None]:
+    """One attempt: its pieces once the echo guard let its first words through, or _ECHO."""
     guard = EchoGuard(last_user_text(messages))
     held: list[str] = []
-    attempt = _extracted(llm_pieces(engines, stages, messages, options, threading.Event()), marks)
+    attempt = _extracted(llm_pieces(engines, stages, messages, options, threading.Event()), marks, options)
     try:
         async for p in attempt:
             if cancel.is_set():
@@ -528,23 +550,19 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
             if verdict is None:
                 continue
             guard.active = False
-            if not verdict:
-                for h in held:
-                    yield h
-                held.clear()
-                continue
-            break
-        else:
-            if not held or not guard.check("".join(held), final=True):
-                for h in held:
-                    yield h
+            if verdict:
+                yield _ECHO
                 return
+            for h in held:
+                yield h
+            held.clear()
+        if held and guard.check("".join(held), final=True):
+            yield _ECHO
+            return
+        for h in held:
+            yield h
     finally:
         await attempt.aclose()
-    marks.extra["echo_guard"] = "regenerated"
-    retry = replace(options, temperature=max(options.temperature, 0.3))
-    async for p in _extracted(llm_pieces(engines, stages, steered(messages), retry, cancel), marks):
-        yield p
 
 
 _SPOKEN_END = re.compile(r"(?<=[^\W\d_])[.!?…。！？]+[\"')\]»]*(?=\s)")
@@ -573,9 +591,9 @@ async def _sentences(pieces: AsyncGenerator[str | ToolCall, None],
         await pieces.aclose()
 
 
-async def _extracted(pieces: AsyncGenerator[str | ToolCall, None],
-                     marks: TurnMarks) -> AsyncGenerator[str | ToolCall, None]:
-    extractor = ToolCallExtractor()
+async def _extracted(pieces: AsyncGenerator[str | ToolCall, None], marks: TurnMarks,
+                     options: GenerationOptions) -> AsyncGenerator[str | ToolCall, None]:
+    extractor = ToolCallExtractor(bare_json=bool(options.tools) and options.tool_choice != "none")
     try:
         async for p in pieces:
             if marks.first_token is None:
@@ -603,15 +621,17 @@ async def respond(
     tool_choice: str | dict[str, Any] | None = None,
     shared_prefix: int = 0,
     max_sentences: int = 2,
+    language: str | None = None,
 ) -> AsyncIterator[TextPiece | SpokenClause | ToolCall]:
     """Generate the answer. With a voice: yield SpokenClause as each clause is synthesized, while the LLM keeps
     writing (TTS of clause n overlaps generation of clause n+1). Without: yield TextPiece per token. A function
     call the model makes is yielded as a ToolCall. ``conversation`` (the session id) lets the engine keep this
     conversation's cache for its next turn; ``shared_prefix`` counts the leading messages without user data
-    (GenerationOptions). The answer stops after ``max_sentences`` sentences (0: no limit)."""
+    (GenerationOptions). The answer stops after ``max_sentences`` sentences (0: no limit). ``language`` is the
+    language of the answer (the echo guard's last resort speaks it)."""
     opts = GenerationOptions(max_new_tokens=max_tokens, conversation=conversation, tools=tools,
                              tool_choice=tool_choice, shared_prefix=shared_prefix)
-    pieces = _sentences(guarded_pieces(engines, stages, messages, opts, cancel, marks), max_sentences)
+    pieces = _sentences(guarded_pieces(engines, stages, messages, opts, cancel, marks, language), max_sentences)
     if voice is None:
         try:
             async for p in pieces:
