@@ -14,6 +14,7 @@ The set has a ``tune`` part (looked at while tuning prompts and the guard) and a
 at while tuning): both are reported.
 
     python bench/dialogue.py [--split all|tune|heldout] [--languages en,fr] [--json replies.json]
+    python bench/dialogue.py --first-token 3     # first-token time: the first prompt against the new one
     STEMME_LLM_URL=http://127.0.0.1:8000/v1 STEMME_LLM_MODEL=... python bench/dialogue.py   # a remote model
 """
 
@@ -176,7 +177,12 @@ def main() -> None:
     ap.add_argument("--split", default="all", choices=["all", "tune", "heldout"])
     ap.add_argument("--languages", default="")
     ap.add_argument("--json", default=None, help="write every reply and its scores here")
+    ap.add_argument("--first-token", type=int, default=0, metavar="RUNS",
+                    help="only compare first-token times of the first and the new prompt")
     args = ap.parse_args()
+    if args.first_token:
+        first_tokens(args.first_token)
+        return
     rows = asyncio.run(run(args))
     score(rows, LanguageId())
     print("machine:", machine())
@@ -193,3 +199,39 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+OLD_INSTRUCTIONS = ("You are Stemme, a friendly voice assistant. Your answers are spoken aloud, so answer in one or "
+                    "two short, plain sentences, without lists, markdown, code or emojis.")
+"""The first prompt (no example turns), for the first-token comparison."""
+
+
+def first_tokens(runs: int) -> None:
+    """First-token time of a conversation's first turn (the case the longer prompt could slow): the first
+    prompt against the new one with its example turns, with and without the shared cache of its fixed start."""
+    from stemme.voice.llm import Conversation, GenerationOptions
+
+    from stemme.config import EngineConfig
+    from stemme.engines import load_llm
+
+    llm = load_llm(EngineConfig.from_env())
+    convs = [c for c in json.loads(DATA.read_text())["conversations"] if c["split"] == "heldout"]
+    variants = {"first prompt": (OLD_INSTRUCTIONS, False, False), "new, shared cache": (None, True, True),
+                "new, no shared cache": (None, True, False)}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(runs + 1):
+        for c in convs:
+            for name, (instructions, fewshot, shared) in variants.items():
+                conv = Conversation(fewshot=fewshot) if instructions is None else \
+                    Conversation(instructions=instructions, fewshot=fewshot)
+                conv.add("user", c["turns"][0]["user"])
+                opts = GenerationOptions(max_new_tokens=1, shared_prefix=conv.shared_prefix(c["lang"]) if shared else 0)
+                t = time.perf_counter()
+                for _ in llm.stream(conv.messages(c["lang"]), opts):
+                    break
+                if r:  # round 0 warms up (and fills the shared cache)
+                    times[name].append((time.perf_counter() - t) * 1000)
+    print("machine:", machine())
+    print(f"first token of a first turn, {len(convs)} held-out questions x {runs} runs (ms)")
+    for name, v in times.items():
+        print(f"| {name} | {statistics.median(v):.0f} | {pct(v, .95):.0f} |")
