@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stemme.models import packs
+
 from tests.conftest import SPEECH, timeout
 
 SCRIPT = Path(__file__).parent / "egress" / "run_isolated.sh"
