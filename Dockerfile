@@ -2,7 +2,8 @@
 #
 #   CPU (default):  podman build -t stemme:0.1.0 .
 #   CUDA:           podman build --build-arg VARIANT=cuda -t stemme:0.1.0-cuda .
-#   Run:            podman run --rm -p 8000:8000 --read-only --tmpfs /tmp --tmpfs /var/lib/stemme stemme:0.1.0
+#   Run:            podman run --rm -p 8000:8000 --read-only --tmpfs /tmp \
+#                   --mount type=tmpfs,destination=/var/lib/stemme,tmpfs-mode=0700,chown=true stemme:0.1.0
 #
 # docs/deployment.md says what is inside, how it was built here, and why the entrypoint links the models
 # into a small writable STEMME_HOME at start.

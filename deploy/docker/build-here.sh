@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${STEMME_BUILD_WORK:-/var/tmp/stemme-build}
-STORE=(--root "$WORK/storage" --storage-driver "${STORAGE_DRIVER:-overlay}")
+STORE=(--root "${STORAGE_ROOT:-$WORK/storage}" --storage-driver "${STORAGE_DRIVER:-overlay}")
 IMAGE=${IMAGE:-localhost/stemme:0.1.0}
 mkdir -p "$WORK"
 # podman's default ulimits exceed what this sandbox grants (no CAP_SYS_RESOURCE: "setrlimit RLIMIT_NOFILE:
@@ -49,7 +49,8 @@ build() {
 smoke() {
   local port=${PORT:-18000} name=stemme-smoke t=$SECONDS
   podman "${STORE[@]}" rm -f "$name" >/dev/null 2>&1 || true
-  podman "${STORE[@]}" run -d --name "$name" --network host --read-only --tmpfs /tmp --tmpfs /var/lib/stemme \
+  podman "${STORE[@]}" run -d --name "$name" --network host --read-only --tmpfs /tmp \
+    --mount type=tmpfs,destination=/var/lib/stemme,tmpfs-mode=0700,chown=true \
     --cap-drop ALL --security-opt no-new-privileges -e STEMME_PORT="$port" -e STEMME_ASR_THREADS=2 \
     -e STEMME_LLM_THREADS=2 -e STEMME_TTS_THREADS=2 "$IMAGE" stemme serve --host 127.0.0.1 --port "$port" >/dev/null
   until curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do
@@ -62,6 +63,11 @@ smoke() {
   echo "user in the container: $(podman "${STORE[@]}" exec "$name" id -u)"
   podman "${STORE[@]}" exec "$name" stemme voices | grep -c '\*' | xargs echo "languages with a default voice:"
   podman "${STORE[@]}" healthcheck run "$name" && echo "HEALTHCHECK: healthy"
+  # a voice turn from the host's client: a French recording in, a spoken answer out
+  if [ -x .venv/bin/stemme ]; then
+    .venv/bin/stemme talk --url "ws://127.0.0.1:$port" --out "$WORK/replies" \
+      tests/data/speech/fr/asterisk_conf-onlyperson.wav | tail -1
+  fi
   t=$SECONDS
   podman "${STORE[@]}" stop -t 60 "$name" >/dev/null
   echo "stopped (SIGTERM) in $((SECONDS - t)) s, exit code $(podman "${STORE[@]}" inspect "$name" --format '{{.State.ExitCode}}')"
