@@ -20,6 +20,7 @@ import numpy as np
 from stemme.streaming.metrics import Metrics
 from stemme.streaming.protocol import encode_event, new_id
 from stemme.streaming.session import Session
+from stemme.voice import languages
 from stemme.voice.llm import Conversation, GenerationOptions
 from stemme.voice.pipeline import Stages, stages_for
 from websockets.asyncio.server import ServerConnection, serve
@@ -92,7 +93,7 @@ def warm_up(engines: Engines, batching: bool = False) -> None:
         logger.warning("remote language model not warmed up: %s", e)  # /readyz reports it until it answers
     reg = engines.tts.registry
     warmed: set[str] = set()
-    for lang in engines.config.languages:
+    for lang in engines.config.languages or languages.SUPPORTED:  # every language: warm the tested ones' voices
         try:
             v = reg.resolve(lang)
         except Exception:  # noqa: BLE001 - a missing voice is reported when it is needed
