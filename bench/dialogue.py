@@ -197,9 +197,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=1))
 
 
-if __name__ == "__main__":
-    main()
-
 
 OLD_INSTRUCTIONS = ("You are Stemme, a friendly voice assistant. Your answers are spoken aloud, so answer in one or "
                     "two short, plain sentences, without lists, markdown, code or emojis.")
@@ -235,3 +232,7 @@ def first_tokens(runs: int) -> None:
     print(f"first token of a first turn, {len(convs)} held-out questions x {runs} runs (ms)")
     for name, v in times.items():
         print(f"| {name} | {statistics.median(v):.0f} | {pct(v, .95):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
