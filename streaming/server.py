@@ -68,6 +68,9 @@ class ServerConfig:
     max_outbound_bytes: int = 8 << 20
     """Bytes queued for a client that does not read; beyond, it is disconnected (1008), so a slow reader
     cannot grow the server's memory."""
+    metrics_key: str | None = None
+    """A second key that opens /metrics only (for a Prometheus scraper); with api_key set, /metrics and
+    /v1/voices need a key. /healthz and /readyz stay open for load balancers."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, responses in progress get this long to finish before sessions are closed (1001)."""
 
@@ -155,12 +158,16 @@ class StemmeServer:
             if name in self._assets:
                 return self._file(WEB_DIR / name)
         if path == "/v1/voices":
+            if not self._key_ok(request, self.config.api_key):
+                return self._unauthorised()
             return self._json(self.voices())
         if path == "/readyz":
             if self.ready and self.llm_down:
                 return connection.respond(503, f"not ready: language model unreachable: {self.llm_down}\n")
             return connection.respond(200 if self.ready else 503, "ready\n" if self.ready else "not ready\n")
         if path == "/metrics":
+            if not self._key_ok(request, self.config.api_key, self.config.metrics_key):
+                return self._unauthorised()
             return self._response(200, self._metrics(), "text/plain; version=0.0.4; charset=utf-8")
         return connection.respond(404, "not found\n")
 
@@ -204,20 +211,30 @@ class StemmeServer:
                               for code in langs], "voices": voices}
 
     def _authorised(self, ws: ServerConnection, query: dict[str, list[str]]) -> bool:
-        key = self.config.api_key
-        if not key:
+        return ws.request is None or self._key_ok(ws.request, self.config.api_key)
+
+    @staticmethod
+    def _key_ok(request: Request, *keys: str | None) -> bool:
+        """The request offers one of ``keys`` (Authorization: Bearer, ?api_key=, or for browsers the
+        ``openai-insecure-api-key.<key>`` subprotocol); open when no key is set."""
+        wanted = [k for k in keys if k]
+        if not wanted:
             return True
         offered: list[str] = []
-        auth = ws.request.headers.get("Authorization", "") if ws.request else ""
+        auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             offered.append(auth[7:].strip())
-        offered += query.get("api_key", [])
-        proto = ws.request.headers.get("Sec-WebSocket-Protocol", "") if ws.request else ""
-        for p in proto.split(","):
-            p = p.strip()
-            if p.startswith("openai-insecure-api-key."):
-                offered.append(p[len("openai-insecure-api-key."):])
-        return any(hmac.compare_digest(o.encode(), key.encode()) for o in offered)
+        offered += parse_qs(urlparse(request.path).query).get("api_key", [])
+        for p in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+            if p.strip().startswith("openai-insecure-api-key."):
+                offered.append(p.strip()[len("openai-insecure-api-key."):])
+        return any(hmac.compare_digest(o.encode(), k.encode()) for o in offered for k in wanted)
+
+    def _unauthorised(self) -> Response:
+        response = self._response(401, b"missing or invalid API key: send 'Authorization: Bearer <key>'\n",
+                                  "text/plain; charset=utf-8")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @staticmethod
     def select_subprotocol(ws: ServerConnection, offered: Any) -> Any:
@@ -424,6 +441,8 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
     s.add_argument("--host", default=os.environ.get("STEMME_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("STEMME_PORT", "8000")))
     s.add_argument("--api-key", default=os.environ.get("STEMME_API_KEY") or None)
+    s.add_argument("--metrics-key", default=os.environ.get("STEMME_METRICS_KEY") or None,
+                   help="a key that opens /metrics only (also STEMME_METRICS_KEY)")
     s.add_argument("--no-warmup", action="store_true")
     s.add_argument("--max-sessions", type=int, default=int(os.environ.get("STEMME_MAX_SESSIONS", "32")))
     s.add_argument("--idle-timeout", type=float, default=float(os.environ.get("STEMME_IDLE_TIMEOUT", "300")))
@@ -437,7 +456,7 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
             logging.getLogger().setLevel(logging.INFO)
         asyncio.run(run_server(Engines(cfg), ServerConfig(
             args.host, args.port, args.api_key, warmup=not args.no_warmup, max_sessions=args.max_sessions,
-            idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds)))
+            idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds, metrics_key=args.metrics_key)))
         return 0
 
     s.set_defaults(func=cmd)

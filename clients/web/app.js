@@ -16,7 +16,8 @@
 
   async function loadVoices() {
     try {
-      const r = await fetch('/v1/voices');
+      const r = await fetch('/v1/voices', key ? {headers: {Authorization: `Bearer ${key}`}} : {});
+      if (r.status === 401) return;  // the key is asked for when the session is refused
       const data = await r.json();
       const lang = $('language'), voice = $('voice');
       const groups = new Map();
@@ -197,7 +198,7 @@
     sessionUpdate();
   });
   $('voice').addEventListener('change', sessionUpdate);
-  $('key-save').addEventListener('click', () => { key = $('key').value; sessionStorage.setItem('stemme-key', key); $('key-row').hidden = true; message(''); connect(); });
+  $('key-save').addEventListener('click', () => { key = $('key').value; sessionStorage.setItem('stemme-key', key); $('key-row').hidden = true; message(''); if ($('language').options.length < 2) loadVoices(); connect(); });
   $('text-form').addEventListener('submit', async (e) => {
     e.preventDefault();
     const text = $('text').value.trim();
