@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 from stemme.config import EngineConfig
 from stemme.engines import Engines
 from stemme.errors import StemmeError
+from stemme.logsafe import clip
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ServerConfig:
     max_outbound_bytes: int = 8 << 20
     """Bytes queued for a client that does not read; beyond, it is disconnected (1008), so a slow reader
     cannot grow the server's memory."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed besides the server's own and localhost, e.g. ``https://app.example.org``."""
     metrics_key: str | None = None
     """A second key that opens /metrics only (for a Prometheus scraper); with api_key set, /metrics and
     /v1/voices need a key. /healthz and /readyz stay open for load balancers."""
@@ -146,6 +149,9 @@ class StemmeServer:
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlparse(request.path).path
         if path in ("/v1/realtime", "/realtime"):
+            if not self._origin_ok(request):
+                logger.info("refused a WebSocket from origin %s", clip(request.headers.get("Origin", "")))
+                return connection.respond(403, "this origin may not use the service (see --allowed-origins)\n")
             return None
         if path == "/healthz":
             return connection.respond(200, "ok\n")
@@ -229,6 +235,20 @@ class StemmeServer:
             if p.strip().startswith("openai-insecure-api-key."):
                 offered.append(p.strip()[len("openai-insecure-api-key."):])
         return any(hmac.compare_digest(o.encode(), k.encode()) for o in offered for k in wanted)
+
+    def _origin_ok(self, request: Request) -> bool:
+        """A browser's WebSocket is accepted from the server's own origin (the page it serves), from localhost,
+        or from an origin on the allow-list; any other web page (``Origin: null`` included) is refused, so a
+        page the user visits cannot drive a local server. Clients that send no Origin (devices, SDKs) pass."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        if origin in self.config.allowed_origins:
+            return True
+        parts = urlparse(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False
+        return parts.netloc == request.headers.get("Host", "") or parts.hostname in ("localhost", "127.0.0.1", "::1")
 
     def _unauthorised(self) -> Response:
         response = self._response(401, b"missing or invalid API key: send 'Authorization: Bearer <key>'\n",
@@ -441,6 +461,8 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
     s.add_argument("--host", default=os.environ.get("STEMME_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("STEMME_PORT", "8000")))
     s.add_argument("--api-key", default=os.environ.get("STEMME_API_KEY") or None)
+    s.add_argument("--allowed-origins", default=os.environ.get("STEMME_ALLOWED_ORIGINS", ""),
+                   help="comma-separated browser origins allowed besides the server's own and localhost")
     s.add_argument("--metrics-key", default=os.environ.get("STEMME_METRICS_KEY") or None,
                    help="a key that opens /metrics only (also STEMME_METRICS_KEY)")
     s.add_argument("--no-warmup", action="store_true")
@@ -456,7 +478,8 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
             logging.getLogger().setLevel(logging.INFO)
         asyncio.run(run_server(Engines(cfg), ServerConfig(
             args.host, args.port, args.api_key, warmup=not args.no_warmup, max_sessions=args.max_sessions,
-            idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds, metrics_key=args.metrics_key)))
+            idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds, metrics_key=args.metrics_key,
+            allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))))
         return 0
 
     s.set_defaults(func=cmd)

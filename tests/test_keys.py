@@ -40,3 +40,24 @@ def test_metrics_and_voices_need_a_key(keyed: str) -> None:
     assert _status(keyed + "/v1/voices?api_key=s3cret") == 200
     assert _status(keyed + "/metrics", "scrape") == 200  # the metrics key opens /metrics only
     assert _status(keyed + "/v1/voices", "scrape") == 401
+
+
+async def test_browser_origins(engines) -> None:
+    """A WebSocket from another web page (or Origin: null) is refused; the server's own origin, localhost, an
+    allowed origin and clients without Origin are accepted (issue #12, finding 8)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    s = ServerThread(engines, allowed_origins=("https://app.example.org",))
+    url = f"ws://127.0.0.1:{s.server.port}/v1/realtime"
+    try:
+        for origin in ("http://evil.example", "null", "file://"):
+            with pytest.raises(InvalidStatus) as e:
+                async with connect(url, origin=origin):  # type: ignore[arg-type]
+                    pass
+            assert e.value.response.status_code == 403
+        for origin in (None, f"http://127.0.0.1:{s.server.port}", "http://localhost:5173", "https://app.example.org"):
+            async with connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+                assert "session.created" in await ws.recv()
+    finally:
+        s.stop()
