@@ -13,6 +13,7 @@ guard, text out), then scores every reply:
 The set has a ``tune`` part (looked at while tuning prompts and the guard) and a ``heldout`` part (never looked
 at while tuning): both are reported.
 
+    pip install '.[bench]'    # lingua, the language identifier
     python bench/dialogue.py [--split all|tune|heldout] [--languages en,fr] [--json replies.json]
     python bench/dialogue.py --first-token 3     # first-token time: the first prompt against the new one
     STEMME_LLM_URL=http://127.0.0.1:8000/v1 STEMME_LLM_MODEL=... python bench/dialogue.py   # a remote model
