@@ -5,7 +5,9 @@ response.create is rate-limited per session. Socket-free sessions over the real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 from stemme.streaming.protocol import ProtocolError
@@ -25,12 +27,21 @@ async def _until(sent: list, kind: str, after: int = 0) -> dict:
             await asyncio.sleep(0.05)
 
 
-async def test_huge_instructions_are_refused_before_the_model(engines) -> None:
+@contextlib.asynccontextmanager
+async def _session(engines) -> AsyncIterator[tuple[Session, list, Stages]]:
     sent: list = []
     stages = Stages()
     s = Session(engines, stages, sent.append)
     try:
         await s.start()
+        yield s, sent, stages
+    finally:
+        await s.close()
+        stages.shutdown()
+
+
+async def test_huge_instructions_are_refused_before_the_model(engines) -> None:
+    async with _session(engines) as (s, sent, stages):
         big = "x" * 1_000_000
         await s.handle_text(json.dumps({"type": "session.update", "session": {"instructions": big}}))
         assert sent[-1]["type"] == "error" and sent[-1]["error"]["param"] == "session.instructions"
@@ -38,17 +49,10 @@ async def test_huge_instructions_are_refused_before_the_model(engines) -> None:
         assert sent[-1]["type"] == "error" and sent[-1]["error"]["param"] == "response.instructions"
         assert stages.llm.depth == 0 and s.response is None  # nothing reached the shared model
         assert s.config.instructions is None
-    finally:
-        await s.close()
-        stages.shutdown()
 
 
 async def test_prompt_over_the_token_cap_fails_only_its_response(engines) -> None:
-    sent: list = []
-    stages = Stages()
-    s = Session(engines, stages, sent.append)
-    try:
-        await s.start()
+    async with _session(engines) as (s, sent, _):
         await s.handle_text(json.dumps({"type": "session.update", "session": {"output_modalities": ["text"]}}))
         long = " ".join(f"rule{i} says nothing." for i in range(2500))[:15_900]  # under the characters cap
         await s.handle_text(json.dumps({"type": "response.create", "response": {"instructions": long}}))
@@ -61,9 +65,6 @@ async def test_prompt_over_the_token_cap_fails_only_its_response(engines) -> Non
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi!"}]}}))
         await s.handle_text(json.dumps({"type": "response.create"}))
         assert (await _until(sent, "response.done", n))["response"]["status"] == "completed"
-    finally:
-        await s.close()
-        stages.shutdown()
 
 
 def test_history_is_trimmed_to_its_budget() -> None:
