@@ -118,7 +118,8 @@ def _warm_llm(engines: Engines) -> None:
     and example turns) of each language that has examples, so that no user's first turn pays for it."""
     from stemme.voice.llm import FEWSHOT
 
-    for lang in dict.fromkeys(["en", *(FEWSHOT if Conversation().fewshot else ())]):
+    remote = getattr(engines.llm, "remote", False)  # a remote model keeps no shared cache of ours
+    for lang in dict.fromkeys(["en", *(FEWSHOT if Conversation().fewshot and not remote else ())]):
         conv = Conversation()
         conv.add("user", "Hi")
         opts = GenerationOptions(max_new_tokens=2 if lang == "en" else 1, shared_prefix=conv.shared_prefix(lang))
@@ -382,7 +383,7 @@ class StemmeServer:
         except Exception:
             logger.exception("loading the models failed")
             raise
-        if getattr(self.engines.llm, "remote", False):
+        if getattr(getattr(self.engines, "llm", None), "remote", False):
             self.llm_down = await loop.run_in_executor(None, self.engines.llm.probe)
             if self.llm_down:
                 logger.warning("language model unreachable: %s", self.llm_down)

@@ -64,7 +64,7 @@ def test_history_is_used(engines):
 
 
 def test_conversation_keeps_recent_turns_only():
-    conv = Conversation(max_turns=2)
+    conv = Conversation(max_turns=2, fewshot=False)  # the window alone, without the example turns
     for i in range(5):
         conv.add("user", f"q{i}")
         conv.add("assistant", f"a{i}")
@@ -74,7 +74,7 @@ def test_conversation_keeps_recent_turns_only():
 
 
 def test_old_turns_are_dropped_in_steps_so_the_prompt_start_stays_the_same():
-    conv = Conversation(max_turns=4)
+    conv = Conversation(max_turns=4, fewshot=False)  # the window alone, without the example turns
     starts = []
     for i in range(12):
         conv.add("user", f"q{i}")
@@ -84,3 +84,13 @@ def test_old_turns_are_dropped_in_steps_so_the_prompt_start_stays_the_same():
         starts.append(window[0]["content"])
     # the first kept turn moves two turns at a time, not at every turn
     assert starts == ["q0"] * 4 + ["q2", "q2", "q4", "q4", "q6", "q6", "q8", "q8"]
+
+
+def test_example_turns_come_in_the_users_language_and_are_shared():
+    conv = Conversation()
+    conv.add("user", "Hallo!")
+    msgs = conv.messages("de")
+    assert [m["role"] for m in msgs[1:7]] == ["user", "assistant"] * 3 and msgs[-1]["content"] == "Hallo!"
+    assert "Tokio" in msgs[6]["content"] and conv.shared_prefix("de") == 7
+    assert Conversation(instructions="Be a pirate.").shared_prefix("de") == 0  # client instructions: not shared
+    assert len(Conversation().messages("sv")) == 1  # no examples written for Swedish: none
