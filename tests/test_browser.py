@@ -97,7 +97,8 @@ def test_page_talks_through_a_fake_microphone(server, tmp_path):
 
 
 def test_page_interrupts_the_answer(server, tmp_path):
-    with _page_with_mic(server, tmp_path, "en/asterisk_conf-onlyperson.wav", 9.0, 10.0) as page:
+    # answers are at most two sentences (a few seconds of speech): the user speaks over it 4 s in
+    with _page_with_mic(server, tmp_path, "en/asterisk_conf-onlyperson.wav", 4.0, 10.0) as page:
         page.get_by_label("Type instead of speaking").fill("Tell me a long story about a dragon and a knight.")
         page.keyboard.press("Enter")
         _wait(page, "window.stemmeStats.played > 24000", 60)  # the answer is playing
