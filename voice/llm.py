@@ -371,10 +371,14 @@ class EchoGuard:
 
 
 ACKNOWLEDGE = {
-    "en": "I see. Tell me more about it.", "fr": "Je vois. Dites-m'en plus.",
-    "de": "Verstehe. Erzähl mir mehr davon.", "es": "Entiendo. Cuéntame más.", "it": "Capisco. Dimmi di più.",
-    "pt": "Entendo. Conta-me mais.", "nl": "Ik begrijp het. Vertel me er meer over.",
-    "pl": "Rozumiem. Opowiedz mi więcej.",
+    "en": "I see. Tell me more about it, I'm listening.",
+    "fr": "Je vois. Dites-m'en un peu plus, je vous écoute.",
+    "de": "Verstehe. Erzähl mir mehr davon, ich höre zu.",
+    "es": "Entiendo. Cuéntame un poco más, te escucho.",
+    "it": "Capisco. Dimmi di più, ti ascolto volentieri.",
+    "pt": "Entendo. Conta-me um pouco mais, estou a ouvir.",
+    "nl": "Ik begrijp het. Vertel me er wat meer over, ik luister.",
+    "pl": "Rozumiem. Opowiedz mi o tym coś więcej, słucham.",
 }
 """What the assistant says when two answers in a row only repeated the user (the echo guard's last resort)."""
 
