@@ -326,17 +326,10 @@ class PrefixCache:
                 self._bytes -= old[2]
 
 
-def greedy_or_sample(logits, options: GenerationOptions, rng, generated: list[int] | None = None) -> int:  # noqa: ANN001
-    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling.
-    Tokens the answer already used are penalised (``options.repetition_penalty``), so that a small model does
-    not loop on one phrase."""
+def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001
+    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling."""
     import numpy as np
 
-    if generated and options.repetition_penalty != 1.0:
-        seen = np.fromiter(set(generated), dtype=np.int64)
-        logits = logits.copy()
-        vals = logits[seen]
-        logits[seen] = np.where(vals > 0, vals / options.repetition_penalty, vals * options.repetition_penalty)
     if options.temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / options.temperature

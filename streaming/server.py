@@ -207,8 +207,6 @@ class StemmeServer:
 
     def voices(self) -> dict[str, Any]:
         """Languages and voices this server can speak, for pickers."""
-        from stemme.voice import languages
-
         reg = self.engines.tts.registry
         order = self.engines.config.languages or tuple(dict.fromkeys((*languages.EUROPEAN, *languages.WHISPER)))
         langs = [lang for lang in order if reg.for_language(lang)]

@@ -34,9 +34,6 @@ class GenerationOptions:
     """Upper bound of tokens per answer (spoken answers are short)."""
     temperature: float = 0.0
     """0 decodes greedily (deterministic)."""
-    repetition_penalty: float = 1.0
-    """Above 1: tokens the answer already used are less likely again (the onnxruntime backend; a remote model
-    gets ``frequency_penalty`` from its own server settings)."""
     conversation: str | None = None
     """The conversation (session) this answer belongs to: an engine may keep its cache for the conversation's
     next turn. Caches are never shared between conversations (one user's cache must not answer, or time,
