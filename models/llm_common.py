@@ -45,10 +45,9 @@ class ChatTokenizer:
         """The prompt's token ids by the model's own chat template, with the options' tools (the template
         describes them and how to call them; a call comes back as text, see ToolCallExtractor)."""
         tools = template_tools(options)
-        ids = self.tok.apply_chat_template(_template_messages(messages, options), tools=tools,
-                                           add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        ids = _token_ids(self.tok.apply_chat_template(_template_messages(messages, options),
+                                                      tools=tools,  # type: ignore[arg-type]
+                                                      add_generation_prompt=True, tokenize=True))
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt_tokens} are "
                                      "accepted (shorten the instructions or the conversation)")
@@ -59,22 +58,32 @@ class ChatTokenizer:
         when the template does not render them as a prefix."""
         if not messages:
             return 0
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        ids = _token_ids(self.tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True))
         return len(ids) if len(ids) < len(prompt) and prompt[: len(ids)] == ids else 0
 
     def decode(self, ids: list[int]) -> str:
         if not self.kept or not any(i in self.kept for i in ids):
-            return self.tok.decode(ids, skip_special_tokens=True)
-        out, start = [], 0
+            return self._text(ids)
+        out: list[str] = []
+        start = 0
         for n, i in enumerate(ids):
             if i in self.kept:
-                out += [self.tok.decode(ids[start:n], skip_special_tokens=True), self.kept[i]]
+                out += [self._text(ids[start:n]), self.kept[i]]
                 start = n + 1
-        out.append(self.tok.decode(ids[start:], skip_special_tokens=True))
+        out.append(self._text(ids[start:]))
         return "".join(out)
+
+    def _text(self, ids: list[int]) -> str:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        return text if isinstance(text, str) else "".join(text)
+
+
+def _token_ids(encoded: Any) -> list[int]:
+    """The token ids of what ``apply_chat_template(tokenize=True)`` returns: a list of ids, or (transformers
+    5.x) a mapping with ``input_ids``."""
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    return [int(i) for i in encoded]
 
 
 def template_tools(options: GenerationOptions | None) -> list[dict[str, Any]] | None:
@@ -138,6 +147,9 @@ class BatchDecoderBase:
     decoded with every other row in one forward pass. The rows' caches are padded to a common length (with an
     attention mask, so padding changes nothing), joined when the membership changes and reused as one batched
     cache while it stays the same. Subclasses give the engine's forward passes and cache layout."""
+
+    _batch: list[Row]
+    """The rows decoded together now, in the order of the batched cache."""
 
     def __init__(self, tokenizer: ChatTokenizer, max_batch: int, lock: threading.RLock) -> None:
         self.tokenizer = tokenizer

@@ -142,7 +142,8 @@ class OnnxBatchDecoder(BatchDecoderBase):
                 if row.kv is None:
                     row.kv = [(k[i:i + 1, :, :row.length].copy(), v[i:i + 1, :, :row.length].copy())
                               for k, v in self._kv]
-        self._batch, self._kv = [], None
+        self._batch: list[Row] = []
+        self._kv = None
 
     def _rebatch(self, rows: list[Row]) -> None:
         if len(rows) == 1:

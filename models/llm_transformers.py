@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
@@ -31,6 +32,7 @@ class TransformersChat:
             torch.set_num_threads(threads)
         dtype = torch.float16 if device == "cuda" else torch.float32
         t = time.perf_counter()
+        self.model: Any = None
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -99,8 +101,10 @@ class BatchDecoder(BatchDecoderBase):
     def __init__(self, chat: TransformersChat, max_batch: int = 8) -> None:
         super().__init__(chat.tokenizer, max_batch, chat._lock)
         self.chat = chat
-        self._cache = None
-        self._mask = None
+        self._cache: Any = None
+        """The batch's key/value cache (a transformers ``DynamicCache``), None between batches."""
+        self._mask: Any = None
+        """The batch's attention mask (a torch tensor), None between batches."""
 
     def _pick(self, logits, rows: list[Row]) -> list[int]:  # noqa: ANN001
         return [self.chat.pick(logits[i], row.options) for i, row in enumerate(rows)]
@@ -120,7 +124,8 @@ class BatchDecoder(BatchDecoderBase):
                 if row.kv is None:
                     pad = width - row.length
                     row.kv = [(k[i:i + 1, :, pad:, :], v[i:i + 1, :, pad:, :]) for k, v, *_ in self._cache]
-        self._batch, self._cache, self._mask = [], None, None
+        self._batch: list[Row] = []
+        self._cache, self._mask = None, None
 
     def _rebatch(self, rows: list[Row]) -> None:
         torch = self.chat.torch
