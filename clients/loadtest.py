@@ -6,6 +6,8 @@ table or JSON, and a PNG plot of latency against concurrent sessions when asked.
                     [--ramp 2] [--duration 300] [--languages per-device|mixed] [--json] [--plot latency.png]
 
 It targets loopback by default and stops by itself: at most sessions x turns turns, and --duration seconds.
+Behind a balancer, a device whose server drains reconnects and sends its turn again (``ReconnectingClient``);
+the report counts the turns completed, retried (and the reconnects), failed (by reason) and lost (none may be).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stemme.clients.talk import RealtimeClient, TurnResult
+from stemme.clients.talk import Backoff, RealtimeClient, ReconnectingClient, TurnResult
 from stemme.voice.audio import read_wav
+from websockets.exceptions import ConnectionClosed
 
 STAGES = [("end_of_turn", "end_of_turn_ms"), ("asr", "asr_ms"), ("first_token", "llm_first_token_ms"),
           ("first_audio", "tts_first_audio_ms"), ("voice_to_voice", "voice_to_voice_ms"),
@@ -49,38 +52,53 @@ def _speech_files(speech: Path) -> list[Path]:
 
 
 async def device(idx: int, url: str, files: list[Path], turns: int, *, binary: bool, key: str | None,
-                 interrupt: float, deadline: float, rng: random.Random, out: list[dict[str, Any]]) -> None:
-    """One simulated device: a session of ``turns`` spoken turns."""
+                 interrupt: float, deadline: float, rng: random.Random, out: list[dict[str, Any]],
+                 backoff: Backoff | None = None) -> None:
+    """One simulated device: ``turns`` spoken turns, on as many sessions as draining servers make it open. Each
+    turn's row is in ``out`` from the moment it starts (``in_progress`` until it ends: one left so was lost);
+    then one ``device`` row with the session counters."""
+
+    async def setup(c: RealtimeClient) -> None:
+        await c.configure()
+
+    rc = ReconnectingClient(url, key=key, binary=binary, backoff=backoff, setup=setup)
     try:
-        async with RealtimeClient(url, key=key, binary=binary) as c:
-            created = await c.wait_for("session.created", timeout=30)
-            if created.get("type") != "session.created":
-                raise ConnectionError("no session")
-            await c.configure()
-            for t in range(turns):
-                if time.monotonic() > deadline:
-                    break
-                path = rng.choice(files)
-                samples = read_wav(path).samples
-                row: dict[str, Any] = {"device": idx, "turn": t, "file": path.name}
-                try:
-                    if interrupt and rng.random() < interrupt:
-                        row.update(await _interrupted_turn(c, samples))
-                    else:
-                        r = await c.talk(samples, timeout=max(5.0, deadline - time.monotonic()))
-                        row.update(_row(r))
-                except (asyncio.TimeoutError, ConnectionError) as e:
-                    row.update(status="dropped", error=str(e) or type(e).__name__)
-                out.append(row)
-                if row["status"] in ("closed", "dropped", "unauthorized"):
-                    break
+        async with rc:
+            await _turns(rc, idx, files, turns, interrupt=interrupt, deadline=deadline, rng=rng, out=out)
     except Exception as e:  # noqa: BLE001 - a refused or broken session is a result, not a crash
         out.append({"device": idx, "turn": -1, "status": "error", "error": f"{type(e).__name__}: {e}"})
+    finally:
+        out.append({"device": idx, "turn": -1, "status": "device", "sessions": rc.sessions,
+                    "session_refusals": rc.refusals, "reconnects": rc.reconnects, "told_draining": rc.told_draining})
+
+
+async def _turns(rc: ReconnectingClient, idx: int, files: list[Path], turns: int, *, interrupt: float,
+                 deadline: float, rng: random.Random, out: list[dict[str, Any]]) -> None:
+    for t in range(turns):
+        if time.monotonic() > deadline:
+            break
+        path = rng.choice(files)
+        samples = read_wav(path).samples
+        row: dict[str, Any] = {"device": idx, "turn": t, "file": path.name, "status": "in_progress"}
+        out.append(row)
+        try:
+            c = rc.client
+            if interrupt and rng.random() < interrupt and c is not None and not (c.draining or c.closed):
+                row.update(await _interrupted_turn(c, samples))
+            else:
+                row.update(_row(await rc.talk(samples, timeout=max(5.0, deadline - time.monotonic()))))
+        except (asyncio.TimeoutError, ConnectionError, ConnectionClosed) as e:
+            row.update(status="failed", reason=str(e) or type(e).__name__)
+        if rc.gone:
+            break
 
 
 def _row(r: TurnResult) -> dict[str, Any]:
     row: dict[str, Any] = {"status": r.status, "reply": bool(r.reply), "audio_s": round(r.audio_seconds, 3),
-                           "splits": r.splits}
+                           "splits": r.splits, "attempts": r.attempts, "reconnects": r.reconnects,
+                           "refused": r.refused, "drain_cancelled": r.drain_cancelled}
+    if r.reason and r.status != "completed":
+        row["reason"] = r.reason
     row.update({k: v for k, v in r.latency.items() if k.endswith("_ms")})
     if r.first_audio_at and r.last_voice_sent_at:
         row["client_v2v_ms"] = round((r.first_audio_at - r.last_voice_sent_at) * 1000)
@@ -110,19 +128,36 @@ async def _interrupted_turn(c: RealtimeClient, samples) -> dict[str, Any]:
 
 
 def summarise(rows: list[dict[str, Any]], sessions: int, wall: float) -> dict[str, Any]:
+    """Counts and percentiles of one level. Turns: ``completed`` (``retried``: after ``reconnects``),
+    ``failed`` (with their ``failures`` by reason), ``lost`` (started, never ended: the run was cut short)."""
     turns = [r for r in rows if r.get("turn", -1) >= 0]
+    devices = [r for r in rows if r["status"] == "device"]
     ok = [r for r in turns if r["status"] == "completed"]
+    failed = [r for r in turns if r["status"] not in ("completed", "cancelled", "in_progress")]
+    failures: dict[str, int] = {}
+    for r in failed:
+        why = str(r.get("reason") or r["status"])
+        failures[why] = failures.get(why, 0) + 1
+    lost = sum(1 for r in turns if r["status"] == "in_progress")
     summary: dict[str, Any] = {
         "sessions": sessions, "turns": len(turns), "completed": len(ok),
         "replies": sum(1 for r in ok if r.get("reply")),
-        "dropped": sum(1 for r in turns if r["status"] not in ("completed", "cancelled")),
+        "retried": sum(1 for r in ok if r.get("attempts", 1) > 1 or r.get("reconnects", 0)),
+        "failed": len(failed), "failures": failures, "lost": lost, "dropped": len(failed) + lost,
         "cancelled": sum(1 for r in turns if r["status"] == "cancelled"),
+        "reconnects": sum(r.get("reconnects", 0) for r in devices),
+        "refused_turns": sum(r.get("refused", 0) for r in turns),
+        "drain_cancelled": sum(r.get("drain_cancelled", 0) for r in turns),
+        "sessions_opened": sum(r.get("sessions", 0) for r in devices),
+        "session_refusals": sum(r.get("session_refusals", 0) for r in devices),
+        "told_draining": sum(r.get("told_draining", 0) for r in devices),
         "split_utterances": sum(r.get("splits", 0) for r in turns),
         "errors": sum(1 for r in rows if r["status"] == "error" or r.get("error")),
         "interrupted": sum(1 for r in turns if r.get("interrupted")), "wall_s": round(wall, 1), "stages": {}}
     for name, key in STAGES:
         vals = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
-        summary["stages"][name] = {f"p{int(q * 100)}": (round(_pct(vals, q)) if vals else None) for q in QUANTILES}
+        cells = {q: _pct(vals, q) for q in QUANTILES}
+        summary["stages"][name] = {f"p{int(q * 100)}": (round(v) if v is not None else None) for q, v in cells.items()}
         summary["stages"][name]["n"] = len(vals)
     return summary
 
@@ -131,6 +166,9 @@ def table(s: dict[str, Any]) -> str:
     lines = [f"sessions={s['sessions']} turns={s['turns']} completed={s['completed']} replies={s['replies']} "
              f"dropped={s['dropped']} cancelled={s['cancelled']} errors={s['errors']} interrupted={s['interrupted']} "
              f"split={s['split_utterances']} wall={s['wall_s']}s",
+             f"retried={s['retried']} failed={s['failed']} lost={s['lost']} reconnects={s['reconnects']} "
+             f"refused_turns={s['refused_turns']} sessions_opened={s['sessions_opened']} "
+             f"told_draining={s['told_draining']} failures={json.dumps(s['failures'])}",
              f"{'stage':16}" + "".join(f"{'p' + str(int(q * 100)):>8}" for q in QUANTILES) + f"{'n':>6}"]
     for name, _ in STAGES:
         st = s["stages"][name]
@@ -167,6 +205,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not files:
         raise SystemExit(f"no speech files under {args.speech}")
     summaries = []
+    backoff = Backoff(tries=getattr(args, "reconnect_tries", Backoff.tries))
     for n in [int(x) for x in str(args.sessions).split(",")]:
         rng = random.Random(args.seed + n)
         rows: list[dict[str, Any]] = []
@@ -182,7 +221,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 mine = by_lang[sorted(by_lang)[rng.randrange(len(by_lang))]]
             tasks.append(asyncio.create_task(device(i, args.url, mine, args.turns, binary=args.binary,
                                                     key=args.key, interrupt=args.interrupt, deadline=deadline,
-                                                    rng=random.Random(rng.random()), out=rows)))
+                                                    rng=random.Random(rng.random()), out=rows, backoff=backoff)))
             if args.ramp and n > 1:
                 await asyncio.sleep(args.ramp / n)
         try:
@@ -213,6 +252,8 @@ def add_loadtest_parser(sub: Any) -> None:
     p.add_argument("--languages", choices=["per-device", "mixed"], default="per-device",
                    help="per-device: each simulated user speaks one language (the files of one folder), as real "
                         "users mostly do; mixed: every turn in a random language (the worst case for caches)")
+    p.add_argument("--reconnect-tries", type=int, default=Backoff.tries,
+                   help="tries per reconnection when a server drains or refuses (backoff 0.2 s doubling to 2 s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="PNG of latency against concurrent sessions")
@@ -223,6 +264,6 @@ def add_loadtest_parser(sub: Any) -> None:
         except OSError as e:
             print(f"stemme: error: cannot reach {args.url}: {e}", file=sys.stderr)
             return 1
-        return 0 if all(s["completed"] for s in summaries) else 1
+        return 0 if all(s["completed"] and not s["lost"] for s in summaries) else 1
 
     p.set_defaults(func=cmd)

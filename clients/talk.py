@@ -2,6 +2,12 @@
 would, prints the events as JSON lines and saves each reply as a WAV file.
 
     stemme talk --url ws://127.0.0.1:8000 hello.wav --out replies/ [--binary] [--key K]
+
+Behind a load balancer, a replica that drains (SIGTERM) tells its sessions (``stemme.draining``), refuses new
+turns (``server_shutting_down``) and closes with 1001; a replica that is busy or stopping refuses new sessions
+with 1013. ``ReconnectingClient`` then opens a new session on the same URL (the balancer picks a replica;
+backoff 0.2 s doubling to 2 s, at most 10 tries) and sends the turn again; every turn ends completed or
+failed with its reason.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +27,17 @@ from typing import Any
 import numpy as np
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, Audio, float_to_pcm16, read_wav, write_wav
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+logger = logging.getLogger(__name__)
 
 CHUNK_MS = 20
+SHUTTING_DOWN = "server_shutting_down"
+"""The error code of a draining server: a new turn (or session) is refused; send it again elsewhere."""
+RETRY_CLOSE_CODES = frozenset({1001, 1013})
+"""Close codes after which a client reconnects: going away (drained), try again later (busy, stopping)."""
+REFUSAL_CODES = frozenset({SHUTTING_DOWN, "server_busy", "server_not_ready"})
+"""Error codes with which a server refuses a new session (then closes it with 1013)."""
 
 
 @dataclass
@@ -38,6 +55,17 @@ class TurnResult:
     last_voice_sent_at: float | None = None
     splits: int = 0
     """Answers cancelled because the speaker went on after a pause (the VAD had ended the turn)."""
+    reason: str = ""
+    """Why the turn did not complete (an error code, a close code, a timeout), empty when it did."""
+    close_code: int | None = None
+    attempts: int = 1
+    """How many times the turn was sent (1 + the times a draining server refused or ended it)."""
+    reconnects: int = 0
+    """New sessions opened for this turn (a draining or refusing server, see ``ReconnectingClient``)."""
+    refused: int = 0
+    """Attempts refused by a draining server (``server_shutting_down``)."""
+    drain_cancelled: int = 0
+    """Attempts whose answer the server cancelled at the end of its drain grace period."""
 
     @property
     def audio_seconds(self) -> float:
@@ -57,6 +85,10 @@ class RealtimeClient:
         self.ws: ClientConnection | None = None
         self.events: asyncio.Queue[dict[str, Any] | bytes] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
+        self.draining = False
+        """The server said it drains (``stemme.draining``): the next turn belongs on a new session."""
+        self.closed = False
+        self.close_code: int | None = None
 
     async def __aenter__(self) -> RealtimeClient:
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else None
@@ -74,10 +106,30 @@ class RealtimeClient:
         assert self.ws
         try:
             async for m in self.ws:
-                self.events.put_nowait(m if isinstance(m, bytes) else json.loads(m))
+                ev = m if isinstance(m, bytes) else json.loads(m)
+                if isinstance(ev, dict) and ev.get("type") == "stemme.draining":
+                    self.draining = True
+                self.events.put_nowait(ev)
         except Exception:  # noqa: BLE001 - the connection ended
             pass
-        self.events.put_nowait({"type": "stemme.client.closed"})
+        self.closed = True
+        self.close_code = self.ws.close_code
+        self.events.put_nowait({"type": "stemme.client.closed", "code": self.close_code})
+
+    async def handshake(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for ``session.created``; a refusal (an ``error`` event, then a close) raises ``Refused``."""
+        deadline = time.monotonic() + timeout
+        error: dict[str, Any] = {}
+        while True:
+            ev = await asyncio.wait_for(self.events.get(), max(0.01, deadline - time.monotonic()))
+            if not isinstance(ev, dict):
+                continue
+            if ev.get("type") == "session.created":
+                return ev
+            if ev.get("type") == "error":
+                error = ev.get("error") or {}
+            elif ev.get("type") == "stemme.client.closed":
+                raise Refused(error.get("code") or f"closed {ev.get('code')}", ev.get("code"))
 
     async def send(self, event: dict[str, Any]) -> None:
         assert self.ws
@@ -149,7 +201,7 @@ class RealtimeClient:
             try:
                 ev = await asyncio.wait_for(self.events.get(), max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                result.status = "timeout"
+                result.status, result.reason = "timeout", f"no response.done within {timeout:.0f} s"
                 return result
             if isinstance(ev, bytes):
                 if result.first_audio_at is None:
@@ -175,6 +227,8 @@ class RealtimeClient:
                 result.reply = ev.get("text", "")
             elif t == "response.done":
                 details = ev["response"].get("status_details") or {}
+                if details.get("reason") == SHUTTING_DOWN or (details.get("error") or {}).get("code") == SHUTTING_DOWN:
+                    result.reason = SHUTTING_DOWN
                 if ev["response"]["status"] == "cancelled" and details.get("reason") == "turn_detected":
                     # the speaker paused mid-utterance and went on: that answer was cancelled, the one to the
                     # rest of the utterance follows
@@ -186,10 +240,14 @@ class RealtimeClient:
                 result.latency = (ev.get("stemme") or {}).get("latency", {})
                 return result
             elif t == "stemme.client.closed":
-                result.status = "closed"
+                result.status, result.close_code = "closed", ev.get("code")
+                result.reason = f"connection closed ({ev.get('code')})"
+                return result
+            elif t == "error" and ev["error"].get("code") == SHUTTING_DOWN:
+                result.status, result.reason = "refused", SHUTTING_DOWN  # a draining server refused this turn
                 return result
             elif t == "error" and not in_response and ev["error"].get("code") == "invalid_api_key":
-                result.status = "unauthorized"
+                result.status, result.reason = "unauthorized", "invalid_api_key"
                 return result
 
     async def talk(self, samples: np.ndarray, *, realtime: bool = True, silence_s: float = 3.0,
@@ -203,8 +261,154 @@ class RealtimeClient:
             await self.collect_turn(result, timeout=timeout, on_event=on_event)
         finally:
             done.set()
-            result.last_voice_sent_at = await streamer
+            try:
+                result.last_voice_sent_at = await streamer
+            except ConnectionClosed:
+                pass  # the server closed the session: collect_turn reported it
         return result
+
+
+class Refused(ConnectionError):
+    """The server refused a session (busy, starting, draining: an error event and a close with 1013), or the
+    connection could not be made."""
+
+    def __init__(self, reason: str, close_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.close_code = close_code
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How a client reconnects: the same URL (the balancer picks a replica), waiting ``first`` seconds before
+    the first try, doubling up to ``most``, at most ``tries`` tries per reconnection."""
+
+    first: float = 0.2
+    most: float = 2.0
+    tries: int = 10
+
+    def delays(self) -> list[float]:
+        return [min(self.most, self.first * 2 ** i) for i in range(self.tries)]
+
+
+def retry_reason(r: TurnResult) -> str | None:
+    """Why a turn is to be sent again on a new session, or None: a draining server refused it
+    (``server_shutting_down``), cancelled its answer at the end of its grace period, or closed the session
+    with 1001 or 1013 before the answer."""
+    if r.status == "refused":
+        return SHUTTING_DOWN
+    if r.status in ("cancelled", "failed") and r.reason == SHUTTING_DOWN:
+        return SHUTTING_DOWN
+    if r.status == "closed" and r.close_code in RETRY_CLOSE_CODES:
+        return f"closed {r.close_code}"
+    return None
+
+
+Setup = Callable[[RealtimeClient], Awaitable[Any]]
+
+
+class ReconnectingClient:
+    """Spoken turns that survive a draining or refusing server. Each turn runs on the current session; when the
+    server refuses it, cancels it for shutdown or closes with 1001/1013, a new session is opened on the same URL
+    (``Backoff``) and the turn is sent again. A session that was told ``stemme.draining`` is left after its
+    turn: the next turn starts on a new one. Counters: ``sessions`` opened, ``refusals`` of sessions,
+    ``reconnects``, ``told_draining`` (sessions the server said it drains)."""
+
+    def __init__(self, url: str, *, key: str | None = None, binary: bool = False, backoff: Backoff | None = None,
+                 setup: Setup | None = None) -> None:
+        self.url, self.key, self.binary = url, key, binary
+        self.backoff = backoff or Backoff()
+        self.setup = setup
+        """Run on every new session after ``session.created`` (e.g. ``session.update``)."""
+        self.client: RealtimeClient | None = None
+        self.gone: str | None = None
+        """Why the session ended for good (a close that is not a retry, an unauthorised key)."""
+        self.sessions = self.refusals = self.reconnects = self.told_draining = 0
+
+    async def __aenter__(self) -> ReconnectingClient:
+        await self._open(first=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._drop()
+
+    async def _drop(self) -> None:
+        if self.client is not None:
+            self.told_draining += self.client.draining
+            await self.client.__aexit__()
+            self.client = None
+
+    async def _try(self) -> RealtimeClient:
+        c = RealtimeClient(self.url, key=self.key, binary=self.binary)
+        try:
+            await c.__aenter__()
+        except InvalidStatus as e:
+            raise Refused(f"HTTP {e.response.status_code}") from None
+        try:
+            await c.handshake()
+            if self.setup is not None:
+                await self.setup(c)
+        except BaseException:
+            await c.__aexit__()
+            raise
+        return c
+
+    async def _open(self, *, first: bool = False) -> None:
+        """A new session, with backoff. The first connection fails at once when nothing listens (a wrong URL);
+        later ones (a replica went away, the balancer has not noticed yet) keep trying."""
+        last = ""
+        for i, delay in enumerate(self.backoff.delays()):
+            if not (first and i == 0):
+                await asyncio.sleep(delay)
+            try:
+                self.client = await self._try()
+                self.sessions += 1
+                return
+            except Refused as e:
+                self.refusals += 1
+                last = e.reason
+                if e.reason == "invalid_api_key":
+                    raise
+            except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+                if first:
+                    raise
+                last = f"{type(e).__name__}: {e}"
+            logger.info("no session on %s (%s); trying again", self.url, last)
+        raise Refused(f"no session after {self.backoff.tries} tries: {last}")
+
+    async def talk(self, samples: np.ndarray, *, realtime: bool = True, timeout: float = 120.0,
+                   on_event: Any = None) -> TurnResult:
+        """One turn, sent again on a new session as often as a draining server asks (at most ``tries``)."""
+        reconnects = refused = drain_cancelled = 0
+        for attempt in range(1, self.backoff.tries + 1):
+            if self.gone:
+                return TurnResult(status="failed", reason=self.gone, attempts=attempt - 1, reconnects=reconnects)
+            if self.client is None or self.client.draining or self.client.closed:
+                await self._drop()
+                try:
+                    await self._open()
+                except Refused as e:
+                    return TurnResult(status="failed", reason=e.reason, attempts=attempt - 1, reconnects=reconnects,
+                                      refused=refused, drain_cancelled=drain_cancelled)
+                reconnects += 1
+                self.reconnects += 1
+            c = self.client
+            assert c is not None
+            r = await c.talk(samples, realtime=realtime, timeout=timeout, on_event=on_event)
+            r.attempts, r.reconnects = attempt, reconnects
+            refused += r.status == "refused"
+            drain_cancelled += r.status in ("cancelled", "failed") and r.reason == SHUTTING_DOWN
+            r.refused, r.drain_cancelled = refused, drain_cancelled
+            why = retry_reason(r)
+            if why is None:
+                if r.status in ("closed", "unauthorized"):
+                    self.gone = r.reason or r.status
+                return r
+            logger.info("turn sent again on a new session (%s)", why)
+            if r.status != "closed":
+                c.draining = True  # leave this session: it will not take the turn
+        r.status, r.reason = "failed", f"still refused after {self.backoff.tries} attempts: {r.reason}"
+        return r
 
 
 async def _talk_main(args: argparse.Namespace) -> int:
@@ -219,18 +423,20 @@ async def _talk_main(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in ev.items() if k != "delta" or "audio" not in ev["type"]},
                              ensure_ascii=False), flush=True)
 
-    async with RealtimeClient(args.url, key=args.key, binary=args.binary) as client:
-        first = await client.wait_for("session.created", timeout=30)
-        if first.get("type") != "session.created":
-            return 1
-        await client.configure(language=args.language, voice=args.voice)
+    async def setup(c: RealtimeClient) -> None:
+        await c.configure(language=args.language, voice=args.voice)
+
+    async with ReconnectingClient(args.url, key=args.key, binary=args.binary, setup=setup) as client:
         code = 0
         for i, path in enumerate(args.files):
             audio = read_wav(path)
             r = await client.talk(audio.samples, realtime=not args.fast, on_event=show)
             row: dict[str, Any] = {"file": str(path), "transcript": r.transcript, "language": r.language,
                                    "reply": r.reply, "status": r.status, "latency_ms": r.latency,
-                                   "reply_seconds": round(r.audio_seconds, 3)}
+                                   "reply_seconds": round(r.audio_seconds, 3), "reconnects": r.reconnects,
+                                   "attempts": r.attempts}
+            if r.reason:
+                row["reason"] = r.reason
             if r.first_audio_at and r.last_voice_sent_at:
                 row["client_voice_to_voice_ms"] = round((r.first_audio_at - r.last_voice_sent_at) * 1000)
             if out_dir and r.audio:
@@ -260,8 +466,12 @@ async def _microphone(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     mic: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)
 
+    def put(block: bytes) -> None:
+        if not mic.full():
+            mic.put_nowait(block)
+
     def on_audio(indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio callback
-        loop.call_soon_threadsafe(lambda b=bytes(indata): mic.full() or mic.put_nowait(b))
+        loop.call_soon_threadsafe(put, bytes(indata))
 
     speaker = sd.RawOutputStream(samplerate=OUTPUT_RATE, channels=1, dtype="int16")
     async with RealtimeClient(args.url, key=args.key, binary=args.binary) as client:
