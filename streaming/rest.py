@@ -90,6 +90,7 @@ class RestHost(Protocol):
     stages: Stages
     metrics: Metrics
     ready: bool
+    draining: bool
 
     @property
     def config(self) -> Any: ...  # ServerConfig: api_key
@@ -490,7 +491,7 @@ class RestApi:
                            code="invalid_api_key")
 
     def _check_ready(self) -> None:
-        if getattr(self.server, "draining", False) or getattr(self.server, "stopping", False):
+        if self.server.draining:
             raise ApiError(503, "the server is shutting down; try another replica or again shortly",
                            code="server_shutting_down", kind="server_error")
         if not self.server.ready:
