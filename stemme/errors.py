@@ -39,8 +39,9 @@ class VoiceNotFoundError(StemmeError):
     code = "voice_not_found"
 
 
-class CancelledError(StemmeError):
-    """Work was cancelled on purpose (barge-in, response.cancel, disconnect)."""
+class WorkCancelled(StemmeError):
+    """Work was cancelled on purpose (barge-in, response.cancel, disconnect). Named so that it never shadows
+    ``asyncio.CancelledError``."""
 
     code = "cancelled"
 
@@ -49,3 +50,18 @@ class PromptTooLongError(StemmeError):
     """A prompt longer than the language model may take (EngineConfig.llm_max_prompt_tokens)."""
 
     code = "prompt_too_long"
+
+
+class ProtocolError(StemmeError):
+    """A client request that cannot be honoured (malformed, invalid, or not possible in the session's state);
+    a front door turns it into its protocol's error event (Realtime: ``error``) and the session goes on.
+    ``code`` and ``param`` name what was wrong, ``event_id`` the client event it answers."""
+
+    def __init__(self, message: str, *, code: str = "invalid_request_error", param: str | None = None,
+                 event_id: str | None = None, error_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.event_id = event_id
+        self.error_type = error_type

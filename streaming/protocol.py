@@ -13,13 +13,17 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from typing import Any
 
+from stemme.streaming import events as ev
 from stemme.streaming import tools
+from stemme.streaming.events import ResponseOverrides
 from stemme.voice import languages
 
+from stemme.errors import ProtocolError
 from stemme.logsafe import clip
 
 MAX_TEXT_MESSAGE = 1 << 20
@@ -44,27 +48,13 @@ BETA_NAMES = {
 }
 
 
-class ProtocolError(Exception):
-    """A client event that cannot be honoured; becomes an ``error`` event, the session goes on."""
-
-    def __init__(self, message: str, *, code: str = "invalid_request_error", param: str | None = None,
-                 event_id: str | None = None, error_type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        self.event_id = event_id
-        self.error_type = error_type
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
 def error_event(err: ProtocolError) -> dict[str, Any]:
-    return {"type": "error", "event_id": new_id("event"), "error": {
-        "type": err.error_type, "code": err.code, "message": err.message, "param": err.param,
-        "event_id": err.event_id}}
+    """The ``error`` event that reports ``err``, as it goes on the wire."""
+    return encode_server_event(error_of(err))
 
 
 MAX_JSON_DEPTH = 32
@@ -533,23 +523,6 @@ class SessionConfig:
         }
 
 
-@dataclass(frozen=True)
-class ResponseOverrides:
-    """The ``response`` object of ``response.create``, checked: what this one response does differently from
-    the session's configuration (None: the session's value)."""
-
-    output_modalities: list[str] | None = None
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    voice: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The overrides that are set, under their API names."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
 def parse_response(event: dict[str, Any]) -> ResponseOverrides:
     """Validate ``response.create``'s ``response`` before anything starts; raise ProtocolError naming the
     field. Fields Stemme does not use are checked for their type only (``conversation``, ``metadata``)."""
@@ -654,3 +627,69 @@ def validate_item(event: dict[str, Any]) -> dict[str, Any]:
     item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
             "content": out}
+
+
+def parse_item(event: dict[str, Any]) -> dict[str, Any]:
+    """A client's ``conversation.item.create`` item, checked: a message, or a function call or its output."""
+    item = field_of(event, "item", dict)
+    if item.get("type") not in ("function_call", "function_call_output"):
+        return validate_item(event)
+    try:
+        return tools.function_item(item)
+    except tools.ToolError as e:
+        raise ProtocolError(f"conversation.item.create: {e}", param=e.param, event_id=event.get("event_id"),
+                            code="invalid_value") from None
+
+
+# -- the codec: typed events from the wire and to it ------------------------------------------------------------
+def _truncate_event(event: dict[str, Any]) -> ev.ItemTruncate:
+    return ev.ItemTruncate(event.get("event_id"), field_of(event, "item_id", str),
+                           field_of(event, "content_index", int), field_of(event, "audio_end_ms", int))
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any]], ev.ClientEvent]] = {
+    "session.update": lambda e: ev.SessionUpdate(e.get("event_id"), field_of(e, "session", dict)),
+    "input_audio_buffer.append": lambda e: ev.AudioAppend(e.get("event_id"), decode_audio(e)),
+    "input_audio_buffer.commit": lambda e: ev.AudioCommit(e.get("event_id")),
+    "input_audio_buffer.clear": lambda e: ev.AudioClear(e.get("event_id")),
+    "conversation.item.create": lambda e: ev.ItemCreate(e.get("event_id"), parse_item(e), e.get("previous_item_id")),
+    "conversation.item.retrieve": lambda e: ev.ItemRetrieve(e.get("event_id"), field_of(e, "item_id", str)),
+    "conversation.item.delete": lambda e: ev.ItemDelete(e.get("event_id"), field_of(e, "item_id", str)),
+    "conversation.item.truncate": _truncate_event,
+    "response.create": lambda e: ev.ResponseCreate(e.get("event_id"), parse_response(e)),
+    "response.cancel": lambda e: ev.ResponseCancel(e.get("event_id")),
+    "output_audio_buffer.clear": lambda e: ev.OutputAudioClear(e.get("event_id")),
+}
+"""One decoder per client event type (CLIENT_EVENTS): each checks the event's own fields."""
+assert set(_DECODERS) == CLIENT_EVENTS
+
+
+def decode_client_event(data: str | bytes) -> ev.ClientEvent:
+    """One JSON client message as a typed event, every field the event carries checked: raise ProtocolError
+    (naming the field) for anything malformed. Nothing is changed before this returns."""
+    event = parse_text(data)
+    return _DECODERS[event["type"]](event)
+
+
+def decode_binary(data: bytes, *, enabled: bool) -> ev.AudioAppend:
+    """A binary frame (the binary-audio extension): raw audio in the session's input format."""
+    if not enabled:
+        raise ProtocolError("binary frames need the binary-audio extension (connect with ?audio=binary)",
+                            code="binary_not_enabled")
+    if len(data) > MAX_BINARY_MESSAGE:
+        raise ProtocolError(f"binary frame of {len(data)} bytes exceeds {MAX_BINARY_MESSAGE}",
+                            code="message_too_large")
+    return ev.AudioAppend(None, data)
+
+
+def encode_server_event(event: ev.ServerEvent, *, beta_names: bool = False) -> dict[str, Any]:
+    """A server event as the JSON object that goes on the wire (``encode_event`` makes it text), with a new
+    ``event_id``; ``beta_names``: the older names of the events that were renamed (BETA_NAMES)."""
+    etype = BETA_NAMES.get(event.TYPE, event.TYPE) if beta_names else event.TYPE
+    return {"type": etype, **event.payload(), "event_id": new_id("event")}
+
+
+def error_of(err: ProtocolError) -> ev.Error:
+    """The ``error`` event that reports ``err``."""
+    return ev.Error({"type": err.error_type, "code": err.code, "message": err.message, "param": err.param,
+                     "event_id": err.event_id})

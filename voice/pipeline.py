@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from stemme.voice.asr import AsrOptions, Transcript
@@ -34,6 +34,8 @@ from stemme.config import EngineConfig
 from stemme.engines import Engines
 
 logger = logging.getLogger(__name__)
+
+Q = TypeVar("Q")
 
 
 class TtsPriority:
@@ -476,6 +478,20 @@ class SpokenClause:
     seconds: float
 
 
+def loop_putter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Q]) -> Callable[[Q], None]:
+    """The hand-off from an engine thread to the event loop: ``put(x)`` queues ``x`` on ``loop``, from any thread.
+    When the loop has closed (its session is gone, the process is stopping), ``x`` is dropped: nobody listens
+    any more, and the shared engine thread that calls ``put`` must go on serving the other sessions."""
+
+    def put(x: Q) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, x)
+        except RuntimeError:  # "Event loop is closed"
+            logger.debug("a result for a closed event loop was dropped")
+
+    return put
+
+
 async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, options: AsrOptions) -> Transcript:
     """Transcribe on the ASR stage's worker (batched with other sessions' requests when batching is on)."""
     return await stages.asr((engines.asr, audio, options))
@@ -484,14 +500,8 @@ async def transcribe(engines: Engines, stages: Stages, audio: np.ndarray, option
 async def llm_pieces(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
                      cancel: threading.Event) -> AsyncGenerator[str | ToolCall, None]:
     """Bridge a generation on the LLM scheduler's thread to an async iterator."""
-    loop = asyncio.get_running_loop()
     q: asyncio.Queue[str | ToolCall | BaseException | None] = asyncio.Queue()
-
-    def put(x: str | ToolCall | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens, the engine thread lives on
-            loop.call_soon_threadsafe(q.put_nowait, x)
-
-    stages.llm.submit(engines.llm, messages, options, cancel, put)
+    stages.llm.submit(engines.llm, messages, options, cancel, loop_putter(asyncio.get_running_loop(), q))
     finished = False
     try:
         while True:

@@ -130,67 +130,106 @@ class VadStream:
         frames = x[: n * FRAME].reshape(n, FRAME)
         probs = self.model(frames, self._state)
         events: list[VadEvent] = []
-        o = self.options
-        frame_ms = FRAME * 1000 / ASR_RATE
-        min_speech = max(1, int(o.min_speech_ms / frame_ms))
-        silence_end = max(1, int(o.silence_duration_ms / frame_ms))
-        pad_frames = int(o.prefix_padding_ms / frame_ms)
-        trail_frames = int(o.trailing_ms / frame_ms)
-        max_frames = int(o.max_speech_s * 1000 / frame_ms)
+        limits = _Limits.of(self.options)
         for frame, p in zip(frames, probs, strict=True):
-            idx = self._frames_seen
-            self._frames_seen += 1
-            if not (self._speaking or self._candidate):
-                if p >= o.threshold:
-                    self._candidate = True
-                    self._voiced_run = 1
-                    self._silence_run = 0
-                    self._start_frame = idx
-                    self._last_voiced = idx
-                    self._utterance = self._history[-pad_frames:] if pad_frames else []
-                    self._utterance = [*self._utterance, frame]
-                    self._history.clear()
-                else:
-                    self._history.append(frame)
-                    if len(self._history) > max(pad_frames, 1):
-                        del self._history[0]
-                    continue
-            else:
-                self._utterance.append(frame)
-                if p >= o.threshold or (self._speaking and p >= o.neg_threshold and self._silence_run == 0):
-                    self._voiced_run += 1
-                    self._silence_run = 0
-                    self._last_voiced = idx
-                else:
-                    self._silence_run += 1
-            if self._candidate and not self._speaking:
-                if self._voiced_run >= min_speech:
-                    self._speaking = True
-                    self._candidate = False
-                    start = max(0, self._start_frame - pad_frames)
-                    events.append(SpeechStarted(self._ms(start)))
-                elif self._silence_run >= silence_end:
-                    self._candidate = False
-                    self._voiced_run = self._silence_run = 0
-                    self._history = self._utterance[-max(pad_frames, 1):]
-                    self._utterance = []
-                continue
-            if self._speaking:
-                complete = False
-                if self._silence_run == trail_frames and trail_frames < silence_end:
-                    audio = np.concatenate(self._utterance)
-                    if self.end_of_turn is not None:
-                        self.last_probability = self.end_of_turn(audio)
-                        complete = self.last_probability >= o.complete_threshold
-                    if not complete:
-                        events.append(SpeechPaused(audio))
-                length = idx - self._start_frame + 1
-                if complete or self._silence_run >= silence_end or length >= max_frames:
-                    keep = len(self._utterance) - max(0, self._silence_run - trail_frames)
-                    audio = np.concatenate(self._utterance[:keep]) if keep > 0 else np.zeros(0, np.float32)
-                    events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio,
-                                                forced=length >= max_frames))
-                    self._utterance = []
-                    self._speaking = False
-                    self._voiced_run = self._silence_run = 0
+            self._step(frame, float(p), limits, events)
         return events
+
+    def _step(self, frame: np.ndarray, p: float, lim: _Limits, events: list[VadEvent]) -> None:
+        """One frame of speech probability ``p``: its events (if any) are appended to ``events``."""
+        idx = self._frames_seen
+        self._frames_seen += 1
+        if not (self._speaking or self._candidate):
+            if p < self.options.threshold:
+                self._remember(frame, lim.pad)
+                return
+            self._begin_candidate(frame, idx, lim.pad)
+        else:
+            self._track(frame, idx, p)
+        if self._candidate and not self._speaking:
+            self._check_candidate(lim, events)
+        elif self._speaking:
+            self._check_end(idx, lim, events)
+
+    def _remember(self, frame: np.ndarray, pad: int) -> None:
+        """A frame before speech, kept for the prefix padding."""
+        self._history.append(frame)
+        if len(self._history) > max(pad, 1):
+            del self._history[0]
+
+    def _begin_candidate(self, frame: np.ndarray, idx: int, pad: int) -> None:
+        self._candidate = True
+        self._voiced_run = 1
+        self._silence_run = 0
+        self._start_frame = idx
+        self._last_voiced = idx
+        self._utterance = [*(self._history[-pad:] if pad else []), frame]
+        self._history.clear()
+
+    def _track(self, frame: np.ndarray, idx: int, p: float) -> None:
+        """A frame inside a candidate or an utterance: voiced (with hysteresis once speaking) or silent."""
+        o = self.options
+        self._utterance.append(frame)
+        if p >= o.threshold or (self._speaking and p >= o.neg_threshold and self._silence_run == 0):
+            self._voiced_run += 1
+            self._silence_run = 0
+            self._last_voiced = idx
+        else:
+            self._silence_run += 1
+
+    def _check_candidate(self, lim: _Limits, events: list[VadEvent]) -> None:
+        """Enough voiced frames start an utterance; enough silence drops the candidate (a click, a cough)."""
+        if self._voiced_run >= lim.min_speech:
+            self._speaking = True
+            self._candidate = False
+            events.append(SpeechStarted(self._ms(max(0, self._start_frame - lim.pad))))
+        elif self._silence_run >= lim.silence_end:
+            self._candidate = False
+            self._voiced_run = self._silence_run = 0
+            self._history = self._utterance[-max(lim.pad, 1):]
+            self._utterance = []
+
+    def _check_end(self, idx: int, lim: _Limits, events: list[VadEvent]) -> None:
+        """A pause (SpeechPaused, or the end at once when the end-of-turn model finds the turn complete), the
+        full silence, or the longest utterance ends it (SpeechStopped)."""
+        complete = False
+        if self._silence_run == lim.trail and lim.trail < lim.silence_end:
+            complete = self._pause(events)
+        length = idx - self._start_frame + 1
+        if complete or self._silence_run >= lim.silence_end or length >= lim.longest:
+            keep = len(self._utterance) - max(0, self._silence_run - lim.trail)
+            audio = np.concatenate(self._utterance[:keep]) if keep > 0 else np.zeros(0, np.float32)
+            events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio, forced=length >= lim.longest))
+            self._utterance = []
+            self._speaking = False
+            self._voiced_run = self._silence_run = 0
+
+    def _pause(self, events: list[VadEvent]) -> bool:
+        """The first pause of ``trailing_ms``: True when the end-of-turn model says the turn is complete."""
+        audio = np.concatenate(self._utterance)
+        complete = False
+        if self.end_of_turn is not None:
+            self.last_probability = self.end_of_turn(audio)
+            complete = self.last_probability >= self.options.complete_threshold
+        if not complete:
+            events.append(SpeechPaused(audio))
+        return complete
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """VadOptions in frames."""
+
+    min_speech: int
+    silence_end: int
+    pad: int
+    trail: int
+    longest: int
+
+    @classmethod
+    def of(cls, o: VadOptions) -> _Limits:
+        frame_ms = FRAME * 1000 / ASR_RATE
+        return cls(min_speech=max(1, int(o.min_speech_ms / frame_ms)),
+                   silence_end=max(1, int(o.silence_duration_ms / frame_ms)),
+                   pad=int(o.prefix_padding_ms / frame_ms), trail=int(o.trailing_ms / frame_ms),
+                   longest=int(o.max_speech_s * 1000 / frame_ms))
