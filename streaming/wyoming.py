@@ -37,7 +37,7 @@ from stemme.voice import languages
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler, pcm16_to_float
 from stemme.voice.llm import Conversation
-from stemme.voice.pipeline import Stages, TextPiece, TurnMarks, respond, stages_for, transcribe
+from stemme.voice.pipeline import ClauseChunker, Stages, TextPiece, TurnMarks, respond, stages_for, transcribe
 from stemme.voice.tts import Voice, clean_for_speech, split_clauses
 from wyoming.asr import Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -285,7 +285,7 @@ class TextLanguages:
         return hashlib.blake2b(norm.encode(), key=self._key, digest_size=16).digest()
 
     def remember(self, text: str, language: str) -> None:
-        for piece in {text, *split_clauses(text)}:
+        for piece in {text, *split_clauses(text), *clauses_of(text)}:
             h = self._hash(piece)
             self._items[h] = (language, time.monotonic())
             self._items.move_to_end(h)
@@ -394,8 +394,15 @@ class Service:
         return self._info
 
     async def wait_ready(self) -> None:
-        if self.ready is not None:
+        """Until the models are loaded (requests wait for them rather than fail)."""
+        if self.ready is None:
+            return
+        try:
             await asyncio.shield(self.ready)
+        except StemmeError as e:
+            raise WyomingInputError("not_ready", f"the models failed to load: {e}") from None
+        except Exception:  # noqa: BLE001 - logged where it happened (_load)
+            raise WyomingInputError("not_ready", "the models failed to load; see the server's log") from None
 
 
 # ------------------------------------------------------------------------------------------- connections
@@ -413,10 +420,14 @@ class _Utterance:
 @dataclass
 class _TextStream:
     voice: dict[str, Any]
-    pending: str = ""
+    """The voice asked for (name, language, speaker)."""
+    chunker: ClauseChunker = field(default_factory=ClauseChunker)
+    """Cuts the text into clauses as it comes, the first one short (a few words), as for the WebSocket."""
+    chars: int = 0
     started: bool = False
     """audio-start was sent."""
-    language: str | None = None
+    spoken_by: Voice | None = None
+    """The voice chosen at the first clause, kept for the whole stream."""
 
 
 class Connection:
@@ -555,7 +566,7 @@ class Connection:
         text = _text(event.data)
         await self.service.wait_ready()
         voice = self._voice(_voice_data(event.data), text)
-        await self._speak(split_clauses(text), voice, start=True)
+        await self._speak(clauses_of(text), voice, start=True)
         await self.send(AudioStop().event())
 
     async def on_synthesize_start(self, event: Event) -> None:
@@ -565,20 +576,18 @@ class Connection:
         s = self.stream
         if s is None:
             raise WyomingInputError("synthesis_not_started", "synthesize-chunk before synthesize-start")
-        s.pending += _text(event.data)
-        if len(s.pending) > MAX_TEXT_CHARS:
-            s.pending = ""
-            raise WyomingInputError("text_too_long", f"unspoken text is limited to {MAX_TEXT_CHARS} characters")
-        ends = [m.end() for m in _SENTENCE_END.finditer(s.pending)]
-        if ends:
-            done, s.pending = s.pending[: ends[-1]], s.pending[ends[-1]:]
-            await self._speak_stream(s, split_clauses(done))
+        text = _text(event.data)
+        s.chars += len(text)
+        if s.chars > MAX_TEXT_CHARS:
+            raise WyomingInputError("text_too_long", f"a streamed text is limited to {MAX_TEXT_CHARS} characters; "
+                                                     "the rest is not spoken")
+        await self._speak_stream(s, s.chunker.push(text))
 
     async def on_synthesize_stop(self, event: Event) -> None:
         s, self.stream = self.stream, None
         if s is None:
             raise WyomingInputError("synthesis_not_started", "synthesize-stop before synthesize-start")
-        await self._speak_stream(s, split_clauses(s.pending))
+        await self._speak_stream(s, s.chunker.flush())
         if s.started:
             await self.send(AudioStop().event())
         await self.send(SynthesizeStopped().event())
@@ -588,17 +597,16 @@ class Connection:
         if not clauses:
             return
         await self.service.wait_ready()
-        if s.language is None:
-            s.language = self._voice(s.voice, clauses[0]).language
-        voice = self._voice(s.voice, clauses[0], fallback=s.language)
-        await self._speak(clauses, voice, start=not s.started)
+        if s.spoken_by is None:
+            s.spoken_by = self._voice(s.voice, clauses[0])
+        await self._speak(clauses, s.spoken_by, start=not s.started)
         s.started = True
 
-    def _voice(self, wanted: dict[str, Any], text: str, fallback: str | None = None) -> Voice:
+    def _voice(self, wanted: dict[str, Any], text: str) -> Voice:
         """The voice named, unless the text is known to be in another language (a reply of this server): then
         the best voice of the text's language; without a name, the language asked for or the text's."""
         registry = self.service.engines.tts.registry
-        known = self.service.texts.get(text) or fallback
+        known = self.service.texts.get(text)
         name, language = wanted.get("name"), wanted.get("language")
         if name:
             voice = registry.resolve(None, name)
@@ -659,8 +667,10 @@ class Connection:
         return reply
 
 
-_SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]»]*\s")
-"""The end of a sentence in streamed text: what is before it is spoken while the rest is still coming."""
+def clauses_of(text: str) -> list[str]:
+    """Clauses to speak one by one, the first one short so that the first audio comes soon (as on the WebSocket)."""
+    chunker = ClauseChunker()
+    return chunker.push(text) + chunker.flush()
 
 
 def _voice_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -740,6 +750,8 @@ class WyomingServer:
         self._tasks.add(task)  # type: ignore[arg-type]
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # stop() ends the connection; asyncio would report a cancelled connection task as an error
         finally:
             self._tasks.discard(task)  # type: ignore[arg-type]
 
