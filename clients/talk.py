@@ -323,6 +323,8 @@ class ReconnectingClient:
         self.client: RealtimeClient | None = None
         self.gone: str | None = None
         """Why the session ended for good (a close that is not a retry, an unauthorised key)."""
+        self._leave = False
+        """The current session refused or cancelled a turn for shutdown: the next attempt needs a new one."""
         self.sessions = self.refusals = self.reconnects = self.told_draining = 0
 
     async def __aenter__(self) -> ReconnectingClient:
@@ -363,6 +365,7 @@ class ReconnectingClient:
             try:
                 self.client = await self._try()
                 self.sessions += 1
+                self._leave = False
                 return
             except Refused as e:
                 self.refusals += 1
@@ -383,7 +386,7 @@ class ReconnectingClient:
         for attempt in range(1, self.backoff.tries + 1):
             if self.gone:
                 return TurnResult(status="failed", reason=self.gone, attempts=attempt - 1, reconnects=reconnects)
-            if self.client is None or self.client.draining or self.client.closed:
+            if self.client is None or self._leave or self.client.draining or self.client.closed:
                 await self._drop()
                 try:
                     await self._open()
@@ -405,8 +408,7 @@ class ReconnectingClient:
                     self.gone = r.reason or r.status
                 return r
             logger.info("turn sent again on a new session (%s)", why)
-            if r.status != "closed":
-                c.draining = True  # leave this session: it will not take the turn
+            self._leave = True  # this session will not take the turn
         r.status, r.reason = "failed", f"still refused after {self.backoff.tries} attempts: {r.reason}"
         return r
 
