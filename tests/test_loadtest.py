@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from stemme.clients import loadtest
+from stemme.clients import loadtest, talk
 from stemme.clients.talk import SHUTTING_DOWN, Backoff, ReconnectingClient
 from stemme.voice.audio import Audio, write_wav
 from stemme.voice.batching import BatchingOptions
@@ -219,3 +219,18 @@ def test_loadtest_reports_a_turn_cut_short_as_lost():
     assert (s["completed"], s["retried"], s["lost"], s["failed"], s["dropped"]) == (1, 1, 1, 1, 2)
     assert s["failures"] == {"no session after 10 tries: HTTP 503": 1}
     assert (s["sessions_opened"], s["reconnects"]) == (2, 1)
+
+
+async def test_fake_talk_prints_attempts_and_reconnects_per_turn(tmp_path, capsys):
+    wav = tmp_path / "a.wav"
+    write_wav(wav, Audio(SPEECH_S, 16000))
+    args = argparse.Namespace(key=None, out=None, binary=False, language=None, voice=None, fast=False, verbose=False,
+                              files=[wav, wav, wav])
+    async with _fake(FakePlan("drain", turns=1), FakePlan("serve")) as (fake, url):
+        args.url = url
+        code = await talk._talk_main(args)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [(r["status"], r["attempts"], r["reconnects"]) for r in rows] == [("completed", 1, 0), ("completed", 2, 1),
+                                                                            ("completed", 1, 0)]
+    assert fake.refused_turns == 1 and "reason" not in rows[1]
