@@ -129,7 +129,8 @@ class RealtimeClient:
             if ev.get("type") == "error":
                 error = ev.get("error") or {}
             elif ev.get("type") == "stemme.client.closed":
-                raise Refused(error.get("code") or f"closed {ev.get('code')}", ev.get("code"))
+                code = error.get("code") or f"closed {ev.get('code')}"
+                raise Refused(code, ev.get("code"), final=code == "invalid_api_key")
 
     async def send(self, event: dict[str, Any]) -> None:
         assert self.ws
@@ -272,10 +273,12 @@ class Refused(ConnectionError):
     """The server refused a session (busy, starting, draining: an error event and a close with 1013), or the
     connection could not be made."""
 
-    def __init__(self, reason: str, close_code: int | None = None) -> None:
+    def __init__(self, reason: str, close_code: int | None = None, *, final: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.close_code = close_code
+        self.final = final
+        """Trying again cannot help (a wrong key, an origin or path the server refuses)."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,8 @@ class ReconnectingClient:
         try:
             await c.__aenter__()
         except InvalidStatus as e:
-            raise Refused(f"HTTP {e.response.status_code}") from None
+            code = e.response.status_code
+            raise Refused(f"HTTP {code}", final=code < 500 and code != 429) from None
         try:
             await c.handshake()
             if self.setup is not None:
@@ -370,7 +374,7 @@ class ReconnectingClient:
             except Refused as e:
                 self.refusals += 1
                 last = e.reason
-                if e.reason == "invalid_api_key":
+                if e.final:
                     raise
             except (OSError, asyncio.TimeoutError, ConnectionError) as e:
                 if first:
