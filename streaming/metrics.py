@@ -18,7 +18,8 @@ class Metrics:
         self.sessions_active = Gauge("stemme_sessions_active", "Sessions connected now", registry=r)
         self.sessions_total = Counter("stemme_sessions", "Sessions accepted", registry=r)
         self.sessions_rejected = Counter("stemme_sessions_rejected", "Sessions refused", ["reason"], registry=r)
-        self.turns = Counter("stemme_turns", "Responses finished", ["status"], registry=r)
+        self.turns = Counter("stemme_turns", "Responses finished (and turns refused while draining)", ["status"],
+                             registry=r)
         self.errors = Counter("stemme_errors", "Error events sent to clients", ["code"], registry=r)
         self.stage_seconds = Histogram("stemme_stage_seconds", "Per-turn latency of each stage", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=r)
@@ -32,6 +33,9 @@ class Metrics:
         self.outbound_bytes = Gauge("stemme_outbound_queued_bytes", "Bytes queued to slow clients", registry=r)
         self.model_loaded = Gauge("stemme_model_loaded", "1 when the engine is loaded", ["engine"], registry=r)
         self.ready = Gauge("stemme_ready", "1 when the server accepts sessions", registry=r)
+        self.draining = Gauge("stemme_draining", "1 while the server drains (SIGTERM): no new sessions or turns",
+                              registry=r)
+        self.turns.labels("refused_draining")  # shown at 0: a new turn refused during a drain
 
     def observe_turn(self, status: str, report: dict) -> None:
         self.turns.labels(status).inc()
