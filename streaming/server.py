@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -189,7 +191,20 @@ class _WebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timer = None
         if not self.disconnected:
             self.logger.debug("aborting a connection whose client did not answer the close frame")
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset, so the kernel drops what it still holds for the client at once
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
+
+    def shutdown(self) -> None:
+        """The server stops: a connection still waiting for a client that does not read is aborted (uvicorn's
+        own shutdown would close it gracefully, which waits for that client)."""
+        if self.close_sent and not self.disconnected and self.transport.get_write_buffer_size() > 0:
+            self.stop_keepalive()
+            self._abort()
+        else:
+            super().shutdown()
 
 
 def _subprotocol(offered: list[str]) -> str | None:
