@@ -386,7 +386,7 @@ class ReconnectingClient:
     async def talk(self, samples: np.ndarray, *, realtime: bool = True, timeout: float = 120.0,
                    on_event: Any = None) -> TurnResult:
         """One turn, sent again on a new session as often as a draining server asks (at most ``tries``)."""
-        reconnects = refused = drain_cancelled = 0
+        reconnects = refused = drain_cancelled = splits = 0
         for attempt in range(1, self.backoff.tries + 1):
             if self.gone:
                 return TurnResult(status="failed", reason=self.gone, attempts=attempt - 1, reconnects=reconnects)
@@ -405,7 +405,8 @@ class ReconnectingClient:
             r.attempts, r.reconnects = attempt, reconnects
             refused += r.status == "refused"
             drain_cancelled += r.status in ("cancelled", "failed") and r.reason == SHUTTING_DOWN
-            r.refused, r.drain_cancelled = refused, drain_cancelled
+            splits += r.splits  # answers cancelled because the speaker went on, in every attempt
+            r.refused, r.drain_cancelled, r.splits = refused, drain_cancelled, splits
             why = retry_reason(r)
             if why is None:
                 if r.status in ("closed", "unauthorized"):

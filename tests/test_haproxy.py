@@ -41,6 +41,9 @@ STEMME = str(Path(sys.executable).parent / "stemme")
 CLIPS = ("librivox_0880.wav", "asterisk_tt-weasels.wav", "asterisk_conf-onlyperson.wav", "librivox_0930.wav")
 """Short English recordings (3-3.3 s): the devices' turns."""
 SESSIONS, TURNS, PROBES = 3, 2, 2
+SPEAKING_S = 1.0
+"""After a turn is answered, its device starts the next one at once: this long after, it is speaking (a drain
+then refuses that turn: the client is to send it again elsewhere)."""
 REPLICA_ENV = {"STEMME_ASR_THREADS": "1", "STEMME_LLM_THREADS": "1", "STEMME_TTS_THREADS": "1",
                "OMP_NUM_THREADS": "1", "STEMME_LANGUAGES": "en", "STEMME_TURN_MODEL_ENABLED": "0"}
 """The smallest settings that hold a conversation: two replicas share the machine's cores; the devices speak
@@ -186,8 +189,7 @@ def _speech(tmp_path: Path) -> Path:
 
 
 def _mid_run(replicas: list[Replica]) -> tuple[Replica, Replica, Metrics] | None:
-    """Once a turn is done (every device has a turn left), the replica that answered it is the victim (its
-    device is then likely speaking its next turn, which the drain refuses); its metrics just before the signal."""
+    """Once a turn is done (every device has a turn left), the replica that answered it is the victim."""
     scrapes = [r.metrics() or {} for r in replicas]
     done = [m.get('stemme_turns_total{status="completed"}', 0) for m in scrapes]
     i = max(range(2), key=lambda k: done[k])
@@ -242,7 +244,10 @@ def test_a_drained_replica_hands_its_sessions_over_and_no_turn_is_lost(stack: St
            "--binary", "--json", "--ramp", "2", "--speech", str(_speech(tmp_path)), "--duration", str(timeout(300))]
     load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stack.procs.append(load)
-    victim, survivor, before = _wait(lambda: _mid_run(stack.replicas), timeout(240), "a completed turn")
+    victim, survivor, _ = _wait(lambda: _mid_run(stack.replicas), timeout(240), "a completed turn")
+    time.sleep(SPEAKING_S)
+    before = victim.metrics()
+    assert before is not None
     t_term = time.time()
     victim.proc.send_signal(signal.SIGTERM)
     drain = _follow_drain(stack, victim, timeout(120))
