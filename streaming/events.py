@@ -9,7 +9,7 @@ A server event's wire fields are its dataclass fields, in order, under its ``TYP
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 JsonObject = dict[str, Any]
@@ -109,8 +109,10 @@ class ServerEvent:
     TYPE: ClassVar[str] = ""
 
     def payload(self) -> JsonObject:
-        """The event's wire fields (shallow: items and objects are sent as they are now)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The event's wire fields in order (shallow: items and objects are sent as they are now). A dataclass
+        without slots holds exactly its fields in ``__dict__``, in order; copying it is several times faster
+        than ``dataclasses.fields``, and this runs for every event sent."""
+        return self.__dict__.copy()
 
 
 @dataclass

@@ -45,9 +45,14 @@ RESPONSES_PER_MINUTE = 30
 
 Send = Callable[[dict[str, Any] | bytes], None]
 Handler = Callable[[Any], Awaitable[None]]
+"""A client event's handler (each takes its own event type)."""
 
 
 class Session:
+    """One Realtime session: the interface the server uses is the constructor, ``start()``, ``handle_text()`` /
+    ``handle_binary()`` for each message, the ``send`` callback, ``error_event()``, ``cancel_response()``,
+    ``response``, ``active_tasks`` and ``close()``."""
+
     def __init__(self, engines: Engines, stages: Stages, send: Send, *, binary_audio: bool = False,
                  beta_names: bool = False, session_id: str | None = None,
                  allowed_languages: tuple[str, ...] | None = None, metrics: Any = None,

@@ -203,6 +203,8 @@ async def test_requests_that_cannot_be_honoured_change_nothing(harness: Harness)
     await harness.until(core.TranscriptReady)
     committed = [e for e in harness.events if isinstance(e, core.AudioCommitted)]
     assert len(committed) == 1 and committed[0].previous_item_id == "a"
+    heard = next(e for e in harness.events if isinstance(e, core.TranscriptReady))
+    assert heard.transcript.audio_seconds == core.MAX_BUFFER_SECONDS  # the refused second was not kept
     await harness.close()
 
 

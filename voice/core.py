@@ -344,23 +344,20 @@ class VoiceCore:
         """Audio of the user: buffered for a manual commit, or through the VAD (turn detection on)."""
         if not len(x):
             return
+        td = self.settings.turn_detection
+        if td is None and self._buffer_samples + len(x) > MAX_BUFFER_SECONDS * ASR_RATE:
+            raise ProtocolError(f"input audio buffer is full ({MAX_BUFFER_SECONDS:.0f} s); commit or clear it",
+                                code="input_audio_buffer_full", event_id=event_id)
         self._samples_in += len(x)
         self._arrivals.append((self._samples_in, time.perf_counter()))
-        td = self.settings.turn_detection
         if td is None:
-            self._buffer_audio(x, event_id)
+            self._buffer.append(x)
+            self._buffer_samples += len(x)
             return
         vad = self._vad or await self._new_vad(td, len(x))
         events = await asyncio.get_running_loop().run_in_executor(self.stages.vad, vad.feed, x)
         for event in events:
             await self._on_vad(event, td, vad)
-
-    def _buffer_audio(self, x: np.ndarray, event_id: str | None) -> None:
-        if self._buffer_samples + len(x) > MAX_BUFFER_SECONDS * ASR_RATE:
-            raise ProtocolError(f"input audio buffer is full ({MAX_BUFFER_SECONDS:.0f} s); commit or clear it",
-                                code="input_audio_buffer_full", event_id=event_id)
-        self._buffer.append(x)
-        self._buffer_samples += len(x)
 
     async def _new_vad(self, td: TurnSettings, fed: int) -> VadStream:
         opts = VadOptions(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
