@@ -751,17 +751,28 @@ def _join_engine_threads(seconds: float) -> None:
                 logger.warning("engine thread %s still running at exit", t.name)
 
 
-async def run_server(engines: Engines, config: ServerConfig) -> None:
+async def run_server(engines: Engines, config: ServerConfig, *, wyoming: str | None = None,
+                     wyoming_opts: dict[str, Any] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM: the WebSocket, REST and page port, and Wyoming beside it when ``wyoming`` is
+    a URI; both front doors share the engines and one worker per stage."""
     server = StemmeServer(engines, config)
     await server.start(wait_ready=False)
     ws, http = ("wss", "https") if config.ssl_certfile else ("ws", "http")
     print(f"Stemme listening on {ws}://{config.host}:{server.port}/v1/realtime (page: {http}://{config.host}:"
           f"{server.port}/); loading models…", flush=True)
+    door = None
+    if wyoming:
+        from stemme.streaming.wyoming import start_wyoming
+
+        door = await start_wyoming(engines, wyoming, stages=server.stages, **(wyoming_opts or {}))
+        print(f"Stemme serving Wyoming on {wyoming}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if door is not None:
+        await door.stop()
     await server.stop()
     await loop.run_in_executor(None, _join_engine_threads, ENGINE_JOIN_S)
 
@@ -787,13 +798,24 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
                    help="PEM certificate: serve https and wss (with --ssl-keyfile; also STEMME_SSL_CERTFILE)")
     s.add_argument("--ssl-keyfile", default=env("STEMME_SSL_KEYFILE") or None,
                    help="PEM private key of --ssl-certfile (also STEMME_SSL_KEYFILE)")
+    s.add_argument("--self-signed", action="store_true", default=env("STEMME_SELF_SIGNED") == "1",
+                   help="serve https/wss with a self-signed certificate made once and kept in STEMME_HOME/tls "
+                        "(LAN demos: browsers allow the microphone only on https or localhost)")
+    s.add_argument("--self-signed-host", action="append", default=[], metavar="NAME",
+                   help="a name or address the self-signed certificate must also cover (repeatable)")
+    from stemme.streaming.wyoming import add_wyoming_arguments
+
+    add_wyoming_arguments(s)
     engine_args(s)
 
     def cmd(args: argparse.Namespace) -> int:
         cfg: EngineConfig = make_config(args)
         if args.log_level.upper() == "WARNING":
             logging.getLogger().setLevel(logging.INFO)
-        asyncio.run(run_server(Engines(cfg), server_config(args)))
+        from stemme.streaming.wyoming import wyoming_options
+
+        asyncio.run(run_server(Engines(cfg), server_config(args), wyoming=args.wyoming,
+                               wyoming_opts=wyoming_options(args)))
         return 0
 
     s.set_defaults(func=cmd)
@@ -801,6 +823,14 @@ def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The serve command's ServerConfig."""
+    if getattr(args, "self_signed", False) and not args.ssl_certfile:
+        from stemme.models.packs import stemme_home
+
+        from stemme.tls import self_signed
+
+        wanted = [h for h in (args.host, *args.self_signed_host) if h not in ("0.0.0.0", "::", "")]
+        files = self_signed(stemme_home(), wanted)
+        args.ssl_certfile, args.ssl_keyfile = str(files.certfile), str(files.keyfile)
     return ServerConfig(
         args.host, args.port, args.api_key, warmup=not args.no_warmup, max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_seconds, metrics_key=args.metrics_key,
