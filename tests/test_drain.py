@@ -1,0 +1,191 @@
+"""Drain (SIGTERM, or ``await server.drain()``), as docs/protocol.md states it: /readyz 503 while the port keeps
+listening, sessions told (``stemme.draining``), new sessions refused with 1013 and new turns with
+``server_shutting_down``, responses in progress finished (or cancelled at the grace deadline), then 1001; the
+``stemme serve`` process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+from stemme.voice.audio import float_to_pcm16, read_wav, resample
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import SPEECH, timeout
+from tests.test_server import ServerThread
+
+STORY = [{"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+    {"type": "input_text", "text": "Tell me a long story about a dragon and a knight."}]}},
+         {"type": "response.create"}]
+
+
+def _http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+async def _next(ws: ClientConnection, etype: str, seen: list[str] | None = None, seconds: float = 120) -> dict:
+    """The next event of type ``etype`` (binary frames skipped); every type on the way into ``seen``."""
+    async with asyncio.timeout(timeout(seconds)):
+        while True:
+            m = await ws.recv()
+            if isinstance(m, str):
+                ev = json.loads(m)
+                if seen is not None:
+                    seen.append(ev["type"])
+                if ev["type"] == etype:
+                    return ev
+
+
+async def _closed(ws: ClientConnection, seen: list[str] | None = None, seconds: float = 120) -> Any:
+    """Read to the close; its close frame."""
+    with pytest.raises(ConnectionClosed) as e:
+        async with asyncio.timeout(timeout(seconds)):
+            while True:
+                m = await ws.recv()
+                if isinstance(m, str) and seen is not None:
+                    seen.append(json.loads(m)["type"])
+    return e.value.rcvd
+
+
+async def _speak(ws: ClientConnection, path: str) -> None:
+    """A recorded utterance as input_audio_buffer.append events (faster than real time)."""
+    pcm = float_to_pcm16(resample(read_wav(SPEECH / path).samples, 16000, 24000))
+    pcm += float_to_pcm16(np.zeros(24000, np.float32))
+    for i in range(0, len(pcm), 9600):
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + 9600])
+                                  .decode()}))
+
+
+async def test_drain_in_process(engines) -> None:
+    s = ServerThread(engines, shutdown_grace_s=timeout(120))
+    http = s.url.replace("ws://", "http://")
+    try:
+        async with connect(s.url + "/v1/realtime") as a, connect(s.url + "/v1/realtime") as b:
+            await _next(a, "session.created")
+            await _next(b, "session.created")
+            for ev in STORY:
+                await a.send(json.dumps(ev))
+            a_seen: list[str] = []
+            await _next(a, "response.output_audio.delta", a_seen)  # A's answer is being spoken
+            drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
+            for ws in (a, b):
+                ev = await _next(ws, "stemme.draining", a_seen if ws is a else None, 10)
+                assert ev["grace_ms"] == int(timeout(120) * 1000) and ev["event_id"]
+            assert await asyncio.to_thread(_http, http + "/readyz") == (503, '{"status": "draining"}')
+            assert await asyncio.to_thread(_http, http + "/healthz") == (200, "ok\n")
+            metrics = (await asyncio.to_thread(_http, http + "/metrics"))[1]
+            assert "stemme_draining 1.0" in metrics and "stemme_ready 0.0" in metrics
+            async with connect(s.url + "/v1/realtime") as c:  # the port listens: a new session is refused
+                err = json.loads(await c.recv())
+                assert err["type"] == "error" and err["error"]["type"] == "server_error"
+                assert err["error"]["code"] == "server_shutting_down"
+                assert (await _closed(c)).code == 1013
+            # B's new turns are refused: a response.create, then speech (the VAD would make it a turn)
+            await b.send(json.dumps({**STORY[1], "event_id": "evt_b1"}))
+            err = await _next(b, "error", seconds=10)
+            assert err["error"]["code"] == "server_shutting_down" and err["error"]["event_id"] == "evt_b1"
+            await _speak(b, "en/asterisk_conf-onlyperson.wav")
+            b_seen: list[str] = []
+            err = await _next(b, "error", b_seen, 30)
+            assert err["error"]["code"] == "server_shutting_down"
+            assert b_seen[-2:] == ["input_audio_buffer.speech_started", "error"], b_seen
+            metrics = (await asyncio.to_thread(_http, http + "/metrics"))[1]
+            assert 'stemme_turns_total{status="refused_draining"} 2.0' in metrics
+            # A's answer, in progress when the drain began, finishes; then both sessions are closed with 1001
+            done = await _next(a, "response.done", a_seen)
+            assert done["response"]["status"] == "completed"
+            close = await _closed(a, a_seen)
+            assert (close.code, close.reason) == (1001, "server shutting down")
+            assert (await _closed(b, b_seen)).code == 1001
+            assert "response.created" not in b_seen
+        await asyncio.wait_for(drain, timeout(30))
+        assert s.call(lambda: len(s.server.sessions)) == 0
+    finally:
+        s.stop()
+
+
+async def test_drain_deadline_cancels_the_response(engines) -> None:
+    s = ServerThread(engines, shutdown_grace_s=0.5)
+    try:
+        async with connect(s.url + "/v1/realtime") as a:
+            await _next(a, "session.created")
+            for ev in STORY:
+                await a.send(json.dumps(ev))
+            await _next(a, "response.created")
+            drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
+            seen: list[str] = []
+            done = await _next(a, "response.done", seen, 60)
+            assert done["response"]["status"] == "cancelled", done
+            assert done["response"]["status_details"]["reason"] == "server_shutting_down"
+            assert "stemme.draining" in seen
+            assert (await _closed(a)).code == 1001
+        await asyncio.wait_for(drain, timeout(30))
+    finally:
+        s.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_ready(url: str, proc: Any, seconds: float) -> None:
+    deadline = time.monotonic() + timeout(seconds)
+    while time.monotonic() < deadline:
+        assert proc.returncode is None, "the server exited while starting"
+        try:
+            if (await asyncio.to_thread(_http, url + "/readyz"))[0] == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(1)
+    raise AssertionError("the server did not become ready")
+
+
+async def test_sigterm_during_a_long_reply_exits_0_after_response_done(tmp_path) -> None:
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stemme.cli", "serve", "--port", str(port), "--no-warmup", "--drain-grace",
+            str(timeout(120)), stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        await _wait_ready(f"http://127.0.0.1:{port}", proc, 600)
+        async with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+            await _next(ws, "session.created")
+            for ev in STORY:
+                await ws.send(json.dumps(ev))
+            seen: list[str] = []
+            await _next(ws, "response.output_audio.delta", seen)
+            proc.send_signal(signal.SIGTERM)
+            await _next(ws, "stemme.draining", seen, 10)
+            code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{port}/readyz")
+            assert (code, json.loads(body)) == (503, {"status": "draining"})  # the port still listens
+            done = await _next(ws, "response.done", seen)
+            assert done["response"]["status"] in ("completed", "cancelled"), done
+            close = await _closed(ws, seen)  # after response.done (_next raises if the close comes first)
+            assert close.code == 1001
+        assert await asyncio.wait_for(proc.wait(), timeout(60)) == 0, log.read_text()[-3000:]
+        assert "terminate called" not in log.read_text()
+        assert "still running at exit" not in log.read_text()  # every engine thread was joined
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
