@@ -260,7 +260,7 @@ def test_a_closed_event_loop_does_not_kill_the_shared_llm_thread() -> None:
         scheduler.shutdown()
 
 
-def test_a_closed_event_loop_does_not_kill_a_stage_worker() -> None:
+def test_a_closed_event_loop_does_not_kill_a_stage_worker(caplog: pytest.LogCaptureFixture) -> None:
     release = threading.Event()
 
     def run_batch(items: list[int]) -> list[int]:
@@ -270,13 +270,41 @@ def test_a_closed_event_loop_does_not_kill_a_stage_worker() -> None:
     batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, name="fake")
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(asyncio.sleep(0))
-        waiting = asyncio.wrap_future(batcher.submit(1), loop=loop)  # a session waits for its result...
+        waiting = loop.create_task(batcher(1))  # a session waits for its result...
+        loop.run_until_complete(asyncio.sleep(0.05))
     finally:
         loop.close()  # ...and its loop is gone before the result comes
-    release.set()
+    with caplog.at_level(logging.DEBUG):
+        release.set()
+        try:
+            assert asyncio.run(batcher(21)) == 42  # the worker thread lives on
+        finally:
+            batcher.shutdown()
+    assert not waiting.done()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert any("closed event loop" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_cancelled_wait_withdraws_its_item_from_the_stage() -> None:
+    release = threading.Event()
+    ran: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        ran.append(items)
+        release.wait(timeout(10))
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, name="fake")
     try:
-        assert asyncio.run(batcher(21)) == 42  # the worker thread lives on
-        assert waiting.done() is False
+        first = asyncio.create_task(batcher(1))
+        await asyncio.sleep(0.05)  # the worker runs item 1 and waits
+        second = asyncio.create_task(batcher(2))
+        await asyncio.sleep(0.01)
+        second.cancel()  # item 2 is withdrawn before a worker takes it
+        release.set()
+        assert await first == 1
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert await batcher(3) == 3 and ran == [[1], [3]]
     finally:
         batcher.shutdown()

@@ -84,9 +84,17 @@ class MicroBatcher(Generic[T, R]):
         return job.future
 
     async def __call__(self, item: T) -> R:
-        """Submit from the event loop and wait for this item's result."""
-        fut = self.submit(item)
-        return await asyncio.wrap_future(fut)
+        """Submit from the event loop and wait for this item's result (cancelling the wait withdraws the item
+        if no worker has taken it yet)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[R] = loop.create_future()
+        job = self.submit(item)
+        job.add_done_callback(lambda done: _hand_over(loop, waiter, done))
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
 
     def shutdown(self) -> None:
         with self._cond:
@@ -142,3 +150,23 @@ class MicroBatcher(Generic[T, R]):
                     j.future.set_exception(r)
                 else:
                     j.future.set_result(r)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], job: Future) -> None:
+    """On the worker thread: pass a job's outcome to the waiting coroutine on its loop. When that loop has closed
+    (its session is gone, the process is stopping), the outcome is dropped: the worker serves the others."""
+
+    def settle() -> None:
+        if waiter.done():
+            return
+        if job.cancelled():
+            waiter.cancel()
+        elif (exc := job.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(job.result())
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # "Event loop is closed"
+        logger.debug("a result for a closed event loop was dropped")
