@@ -581,7 +581,7 @@ class Connection:
         if s.chars > MAX_TEXT_CHARS:
             raise WyomingInputError("text_too_long", f"a streamed text is limited to {MAX_TEXT_CHARS} characters; "
                                                      "the rest is not spoken")
-        await self._speak_stream(s, s.chunker.push(text))
+        await self._speak_stream(s, pushed(s.chunker, text))
 
     async def on_synthesize_stop(self, event: Event) -> None:
         s, self.stream = self.stream, None
@@ -667,10 +667,16 @@ class Connection:
         return reply
 
 
+def pushed(chunker: ClauseChunker, text: str) -> list[str]:
+    """The clauses a text completes, fed word by word as a language model writes (the WebSocket's path), so that
+    the first clause is cut after a few words even when the whole text comes at once."""
+    return [c for word in re.findall(r"\S+\s*|\s+", text) for c in chunker.push(word)]
+
+
 def clauses_of(text: str) -> list[str]:
-    """Clauses to speak one by one, the first one short so that the first audio comes soon (as on the WebSocket)."""
+    """Clauses to speak one by one, the first one short so that the first audio comes soon."""
     chunker = ClauseChunker()
-    return chunker.push(text) + chunker.flush()
+    return pushed(chunker, text) + chunker.flush()
 
 
 def _voice_data(data: dict[str, Any]) -> dict[str, Any]:

@@ -333,3 +333,9 @@ async def test_disconnect_mid_synthesis_leaves_the_server_up(server):
     async with _client(server) as c:
         await c.write_event(Describe().event())
         assert (await _until(c, "info"))[-1].type == "info"
+    stages = server.server.service.stages
+    for _ in range(int(timeout(60) * 10)):  # the rest of the text is not spoken for nobody
+        await asyncio.sleep(0.1)
+        if stages.depth("tts") == 0 and not server.server._tasks:
+            break
+    assert stages.depth("tts") == 0 and not server.server._tasks
