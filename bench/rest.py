@@ -1,7 +1,9 @@
 """The OpenAI REST endpoints through the official openai SDK, one request at a time: median and p95 of
 
-  speech_first   request sent -> first audio byte of /v1/audio/speech (streamed WAV, after its 44-byte header)
-  speech_rtf     whole synthesis time / seconds of audio made
+  speech_first   request sent -> first audio byte of /v1/audio/speech (streamed WAV, after its 44-byte header),
+                 for two-sentence texts (tests/data/sentences.json): the first sentence is sent when it is made
+  speech_total   request sent -> last byte
+  speech_rtf     speech_total / seconds of audio made
   transcribe     upload sent -> transcript of /v1/audio/transcriptions (real recordings, tests/data/speech)
   transcribe_rtf transcription time / seconds of audio
   chat_first     request sent -> first content token of /v1/chat/completions (stream=True)
@@ -36,7 +38,7 @@ QUESTIONS = ["What is the capital of France?", "Quelle est la capitale de l'Ital
              "Wie heißt die Hauptstadt von Spanien?", "Name a colour of the sky."]
 
 
-def speech_once(client: openai.OpenAI, text: str) -> dict[str, float]:
+def speech_once(client: openai.OpenAI, text: str, language: str = "") -> dict[str, Any]:
     started = time.perf_counter()
     first = None
     size = 0
@@ -48,7 +50,13 @@ def speech_once(client: openai.OpenAI, text: str) -> dict[str, float]:
                 first = time.perf_counter() - started
     total = time.perf_counter() - started
     seconds = (size - 44) / 2 / 24000
-    return {"speech_first": first or total, "speech_rtf": total / seconds if seconds else float("nan")}
+    return {"speech_first": first or total, "speech_total": total, "language": language,
+            "speech_rtf": total / seconds if seconds else float("nan"), "voice": response.headers["x-stemme-voice"]}
+
+
+def two_sentences(sentences: list[str]) -> list[str]:
+    """Each sentence followed by the next (the last by the first)."""
+    return [f"{a} {b}" for a, b in zip(sentences, sentences[1:] + sentences[:1], strict=True)]
 
 
 def transcribe_once(client: openai.OpenAI, row: dict[str, str]) -> dict[str, Any]:
@@ -88,10 +96,17 @@ def start_server() -> tuple[str, Any]:
 
 def report(rows: list[dict[str, Any]]) -> None:
     print(f"{'measure':16} {'median':>8} {'p95':>8} {'n':>4}")
-    for key in ("speech_first", "speech_rtf", "transcribe", "transcribe_rtf", "chat_first"):
+    for key in ("speech_first", "speech_total", "speech_rtf", "transcribe", "transcribe_rtf", "chat_first"):
         vals = [r[key] for r in rows if key in r]
         if vals:
             print(f"{key:16} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {len(vals):4}")
+    speech = [r for r in rows if "speech_first" in r]
+    for lang in dict.fromkeys(r["language"] for r in speech):
+        mine = [r for r in speech if r["language"] == lang]
+        first = [r["speech_first"] for r in mine]
+        rtf = [r["speech_rtf"] for r in mine]
+        print(f"speech {lang} ({mine[0]['voice']}): first median {statistics.median(first):.3f} p95 "
+              f"{pct(first, 0.95):.3f}, RTF median {statistics.median(rtf):.3f}")
     errs = [r for r in rows if "wer" in r]
     for lang in dict.fromkeys(r["language"] for r in errs):
         w = [r["wer"] for r in errs if r["language"] == lang]
@@ -113,13 +128,13 @@ def main() -> None:
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.key, timeout=300, max_retries=0)
     langs = args.langs.split(",")
     texts = json.loads((ROOT / "tests" / "data" / "sentences.json").read_text())
-    sentences = [s for lang in langs for s in texts.get(lang, [])[: args.per_lang]]
+    sentences = [(text, lang) for lang in langs for text in two_sentences(texts.get(lang, []))[: args.per_lang]]
     recordings = [r for lang in langs for r in [m for m in manifest() if m["language"] == lang
                                                 and m["kind"] != "isolated word"][: args.per_lang]]
     speech_once(client, "Hello.")  # the first request loads the text-language identifier
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
-        rows += [speech_once(client, s) for s in sentences]
+        rows += [speech_once(client, s, lang) for s, lang in sentences]
         rows += [transcribe_once(client, r) for r in recordings]
         rows += [chat_once(client, q) for q in QUESTIONS]
     if args.json:

@@ -338,6 +338,11 @@ def _identifier() -> Any:
 _identifier_lock = threading.Lock()
 
 
+def _load_identifier() -> None:
+    with _identifier_lock:
+        _identifier()
+
+
 PREFER_BELOW = 0.7
 """When langid's best guess for a text is below this probability and outside the eight tested languages, the
 likeliest tested language wins (a short French sentence came out Danish at 0.61): tuned on
@@ -465,7 +470,7 @@ class RestApi:
         self._gate = _Gate(self.options.max_requests)
         self._requests = Counter("stemme_rest_requests", "REST requests answered", ["endpoint", "status"],
                                  registry=server.metrics.registry)
-        threading.Thread(target=_identifier, name="stemme-langid", daemon=True).start()  # loads in the background
+        threading.Thread(target=_load_identifier, name="stemme-langid", daemon=True).start()  # loads in the background
 
     @property
     def engines(self) -> Engines:
