@@ -133,7 +133,7 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             rtts = asyncio.run(_event_rtts(url, args.events))
-            turns = asyncio.run(_turns(url, args.turns))
+            turns = asyncio.run(_turns(url, args.turns)) if args.turns else {}
             print(f"round {r + 1}: {_row('event_rtt', rtts)}")
             every["event_rtt"] += rtts
             for k, v in turns.items():
@@ -141,7 +141,8 @@ def main() -> None:
                 every[k] += v
         print(f"all rounds ({args.server_file or 'streaming/server.py'}):")
         for k, v in every.items():
-            print("  " + _row(k, v))
+            if v:
+                print("  " + _row(k, v))
         if args.json:
             Path(args.json).write_text(json.dumps(every))
     finally:
