@@ -301,10 +301,10 @@ async def test_a_cancelled_wait_withdraws_its_item_from_the_stage() -> None:
         second = asyncio.create_task(batcher(2))
         await asyncio.sleep(0.01)
         second.cancel()  # item 2 is withdrawn before a worker takes it
-        release.set()
-        assert await first == 1
         with pytest.raises(asyncio.CancelledError):
             await second
+        release.set()
+        assert await first == 1
         assert await batcher(3) == 3 and ran == [[1], [3]]
     finally:
         batcher.shutdown()

@@ -131,8 +131,8 @@ class VadStream:
         probs = self.model(frames, self._state)
         events: list[VadEvent] = []
         limits = _Limits.of(self.options)
-        for frame, p in zip(frames, probs, strict=True):
-            self._step(frame, float(p), limits, events)
+        for frame, p in zip(frames, np.asarray(probs, dtype=np.float64).tolist(), strict=True):
+            self._step(frame, p, limits, events)
         return events
 
     def _step(self, frame: np.ndarray, p: float, lim: _Limits, events: list[VadEvent]) -> None:
