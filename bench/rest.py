@@ -8,7 +8,8 @@
   transcribe_rtf transcription time / seconds of audio
   chat_first     request sent -> first content token of /v1/chat/completions (stream=True)
 
-plus the word error rate of the transcriptions against the manifest.
+plus the word error rate of the transcriptions against the manifest, and, when the server runs in this process,
+speech_direct_rtf: the same text synthesized by a direct engine call (no HTTP) right after, for comparison.
 
     python bench/rest.py [--url http://127.0.0.1:8000] [--key K] [--rounds 2] [--langs en,fr,es,it,de]
 
@@ -54,6 +55,15 @@ def speech_once(client: openai.OpenAI, text: str, language: str = "") -> dict[st
             "speech_rtf": total / seconds if seconds else float("nan"), "voice": response.headers["x-stemme-voice"]}
 
 
+def direct_rtf(held: Any, text: str, voice_name: str) -> float:
+    """The RTF of a direct engine call (no HTTP, no stage worker) with the voice the server chose."""
+    engines = held[0].engines
+    voice = next(v for v in engines.tts.registry.voices if v.name == voice_name)
+    started = time.perf_counter()
+    audio = engines.tts.synthesize(text, voice)
+    return (time.perf_counter() - started) / audio.seconds
+
+
 def two_sentences(sentences: list[str]) -> list[str]:
     """Each sentence followed by the next (the last by the first)."""
     return [f"{a} {b}" for a, b in zip(sentences, sentences[1:] + sentences[:1], strict=True)]
@@ -95,11 +105,12 @@ def start_server() -> tuple[str, Any]:
 
 
 def report(rows: list[dict[str, Any]]) -> None:
-    print(f"{'measure':16} {'median':>8} {'p95':>8} {'n':>4}")
-    for key in ("speech_first", "speech_total", "speech_rtf", "transcribe", "transcribe_rtf", "chat_first"):
+    print(f"{'measure':18} {'median':>8} {'p95':>8} {'n':>4}")
+    for key in ("speech_first", "speech_total", "speech_rtf", "speech_direct_rtf", "transcribe", "transcribe_rtf",
+                "chat_first"):
         vals = [r[key] for r in rows if key in r]
         if vals:
-            print(f"{key:16} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {len(vals):4}")
+            print(f"{key:18} {statistics.median(vals):8.3f} {pct(vals, 0.95):8.3f} {len(vals):4}")
     speech = [r for r in rows if "speech_first" in r]
     for lang in dict.fromkeys(r["language"] for r in speech):
         mine = [r for r in speech if r["language"] == lang]
@@ -122,9 +133,9 @@ def main() -> None:
     ap.add_argument("--per-lang", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print every measurement as JSON")
     args = ap.parse_args()
-    url = args.url
+    url, held = args.url, None
     if url is None:
-        url, _held = start_server()
+        url, held = start_server()
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.key, timeout=300, max_retries=0)
     langs = args.langs.split(",")
     texts = json.loads((ROOT / "tests" / "data" / "sentences.json").read_text())
@@ -134,7 +145,10 @@ def main() -> None:
     speech_once(client, "Hello.")  # the first request loads the text-language identifier
     rows: list[dict[str, Any]] = []
     for _ in range(args.rounds):
-        rows += [speech_once(client, s, lang) for s, lang in sentences]
+        for s, lang in sentences:
+            rows.append(speech_once(client, s, lang))
+            if held is not None:
+                rows[-1]["speech_direct_rtf"] = direct_rtf(held, s, rows[-1]["voice"])
         rows += [transcribe_once(client, r) for r in recordings]
         rows += [chat_once(client, q) for q in QUESTIONS]
     if args.json:
