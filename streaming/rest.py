@@ -16,6 +16,7 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
@@ -443,18 +444,45 @@ def _stemme_error(e: StemmeError) -> ApiError:
 
 # -- the routes ------------------------------------------------------------------------------------------------
 class _Gate:
+    """Counts REST requests in progress; beyond ``limit``, 429."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.busy = 0
 
-    def take(self) -> None:
+    def take(self) -> _Slot:
         if self.busy >= self.limit:
             raise ApiError(429, f"the server is busy ({self.limit} requests at once); try again shortly",
                            code="server_busy", kind="server_error")
         self.busy += 1
+        return _Slot(self)
+
+
+class _Slot:
+    def __init__(self, gate: _Gate) -> None:
+        self._gate: _Gate | None = gate
 
     def release(self) -> None:
-        self.busy -= 1
+        """Once only: the end of a streamed body and its garbage collection may both call it."""
+        if self._gate is not None:
+            self._gate.busy -= 1
+            self._gate = None
+
+
+def released(body: AsyncIterable[Any], slot: _Slot) -> AsyncIterator[Any]:
+    """``body``, releasing ``slot`` when it ends, fails or is closed, and also when it is dropped without ever
+    being iterated (a client gone before the response started)."""
+
+    async def chunks() -> AsyncIterator[Any]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            slot.release()
+
+    gen = chunks()
+    weakref.finalize(gen, slot.release)
+    return gen
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -524,24 +552,17 @@ class RestApi:
         if not gated:
             return await handler(request)
         self._check_ready()
-        self._gate.take()
+        slot = self._gate.take()
         try:
             response = await handler(request)
         except BaseException:
-            self._gate.release()
+            slot.release()
             raise
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._releasing(response.body_iterator)
+            response.body_iterator = released(response.body_iterator, slot)
         else:
-            self._gate.release()
+            slot.release()
         return response
-
-    async def _releasing(self, body: AsyncIterable[Any]) -> AsyncIterator[Any]:
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            self._gate.release()
 
     # -- /v1/models ------------------------------------------------------------------------------------------
     def model_ids(self) -> dict[str, str]:

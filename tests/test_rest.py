@@ -284,3 +284,26 @@ def test_draining_server_refuses_new_requests(engines):
         assert r.status_code == 503
     finally:
         s.stop()
+
+
+async def test_request_slots_are_released_however_a_stream_ends():
+    """The REST request counter: a streamed body releases its slot when it ends, and when it is dropped without
+    ever being read (a client gone before the response started). Plain async generators, no server."""
+    import gc
+
+    from stemme.streaming.rest import ApiError, _Gate, released
+
+    async def body():
+        yield b"a"
+        yield b"b"
+
+    gate = _Gate(2)
+    assert [c async for c in released(body(), gate.take())] == [b"a", b"b"] and gate.busy == 0
+    stream = released(body(), gate.take())
+    gate.take()
+    with pytest.raises(ApiError) as e:
+        gate.take()
+    assert e.value.status == 429 and e.value.code == "server_busy"
+    del stream
+    gc.collect()
+    assert gate.busy == 1
