@@ -26,9 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import SPEECH, timeout
 from tests.test_server import ServerThread
 
-STORY = [{"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-    {"type": "input_text", "text": "Tell me a long story about a dragon and a knight."}]}},
-         {"type": "response.create"}]
+STORY: list[dict[str, Any]] = [
+    {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Tell me a long story about a dragon and a knight."}]}},
+    {"type": "response.create"}]
 
 
 def _http(url: str) -> tuple[int, str]:
