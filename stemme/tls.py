@@ -29,12 +29,9 @@ class TlsFiles:
 
 
 def default_hosts() -> list[str]:
-    """Names a LAN demo is reached by: localhost, loopback, and this machine's host names."""
+    """Names a LAN demo is reached by: localhost, loopback, and this machine's host name (no name lookup: that
+    would be a DNS query, and Stemme makes none; other names come from ``--self-signed-host``)."""
     names = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
-    try:
-        names.add(socket.getfqdn())
-    except OSError:  # pragma: no cover - resolver trouble; the host name alone is enough
-        pass
     return sorted(n for n in names if n)
 
 

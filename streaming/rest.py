@@ -92,6 +92,7 @@ class RestHost(Protocol):
     metrics: Metrics
     ready: bool
     draining: bool
+    rest_in_progress: Callable[[], int]
 
     @property
     def config(self) -> Any: ...  # ServerConfig: api_key
@@ -132,7 +133,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     body = b"".join([c async for c in _capped_stream(request, limit)])
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -740,5 +741,8 @@ class RestApi:
 
 
 def rest_routes(server: RestHost, options: RestOptions | None = None) -> list[BaseRoute]:
-    """The OpenAI REST routes of ``server``, for its Starlette app."""
-    return RestApi(server, options).routes()
+    """The OpenAI REST routes of ``server``, for its Starlette app; ``server.rest_in_progress`` then counts the
+    requests being served (a drain waits for them)."""
+    api = RestApi(server, options)
+    server.rest_in_progress = lambda: api._gate.busy
+    return api.routes()

@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from stemme.streaming.metrics import Metrics
-from stemme.streaming.protocol import encode_event, new_id
+from stemme.streaming.protocol import MAX_TEXT_MESSAGE, encode_event, new_id
 from stemme.streaming.session import Session
 from stemme.voice import languages
 from stemme.voice.llm import Conversation, GenerationOptions
@@ -71,6 +72,10 @@ CANCEL_WAIT_S = 5.0
 """At the end of a drain, responses cancelled at the deadline get this long to send their response.done."""
 ENGINE_JOIN_S = 10.0
 """On stop, the engines' worker threads get this long (all together) to end, so none outlives the interpreter."""
+SHUTDOWN_AFTER_DRAIN_S = CANCEL_WAIT_S + 2 * CLOSE_FLUSH_S + CLOSE_FLUSH_S + ENGINE_JOIN_S
+"""The most a stop can take after the drain's grace period: cancelled responses, the closes' flush, uvicorn's
+graceful shutdown, the engine threads. Kubernetes' terminationGracePeriodSeconds must cover preStop + the grace
+period + this."""
 
 TRANSPORT_EXT = "stemme.transport"
 """The ASGI extension of this server's WebSocket protocol (``_WebSocketProtocol``)."""
@@ -212,7 +217,10 @@ def _subprotocol(offered: list[str]) -> str | None:
 
 
 def _peek(text: str) -> tuple[str | None, str | None]:
-    """(type, event_id) of a client message, None where it has none (the session reports malformed ones)."""
+    """(type, event_id) of a client message, None where it has none (the session reports malformed ones, and
+    refuses one over the codec's size limit without parsing it)."""
+    if len(text) > MAX_TEXT_MESSAGE:
+        return None, None
     try:
         event = json.loads(text)
     except (ValueError, RecursionError):
@@ -431,6 +439,8 @@ class Connection:
             self.in_speech = False
 
     def _refuse_audio_turn(self) -> None:
+        if self.session is not None:
+            self.session.core.turns_refused = True  # speech that ends in audio already sent makes no turn
         if not self.audio_refused:
             self.audio_refused = True
             self._refuse_turn(None)
@@ -458,6 +468,8 @@ class StemmeServer:
         self.draining = False
         self.llm_down: str | None = None
         """Why the remote language model does not answer (its last probe); None when it does, or is local."""
+        self.rest_in_progress: Callable[[], int] = lambda: 0
+        """REST requests being served (streaming/rest.py sets it); a drain waits for them too."""
         self.metrics = Metrics()
         self.stages.asr.on_batch = self.metrics.batch_size.labels("asr").observe
         self.stages.llm.on_batch = self.metrics.batch_size.labels("llm").observe
@@ -705,7 +717,7 @@ class StemmeServer:
         logger.warning("draining: %d sessions; responses in progress get %.0f s", len(conns), grace)
         for c in conns:
             c.on_drain(int(grace * 1000))
-        await _until(lambda: not any(c.busy for c in conns), grace)
+        await _until(lambda: not any(c.busy for c in conns) and not self.rest_in_progress(), grace)
         late = [c.session for c in conns if c.busy and c.session is not None and c.session.response is not None]
         for session in late:
             logger.warning("session=%s response still running at the drain's deadline: cancelled", session.id)
@@ -771,6 +783,7 @@ async def run_server(engines: Engines, config: ServerConfig, *, wyoming: str | N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await server.drain()  # the WebSocket sessions and REST requests in progress finish; Wyoming still serves
     if door is not None:
         await door.stop()
     await server.stop()

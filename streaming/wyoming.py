@@ -535,6 +535,10 @@ class Connection:
             raise WyomingInputError("audio_not_started", "audio-stop before audio-start")
         audio = np.concatenate([*u.parts, u.resampler(np.zeros(0, np.float32), last=True)])
         hint, self.transcribe_language = self.transcribe_language, None
+        if len(audio) < ASR_RATE // 10:  # under 0.1 s: nothing to hear; an empty transcript, as for silence
+            for e in (TranscriptStart(language=hint), Transcript(text="", language=hint), TranscriptStop()):
+                await self.send(e.event())
+            return
         await self.service.wait_ready()
         t = await transcribe(self.service.engines, self.service.stages, audio, self._asr_options(hint))
         text = t.text.strip()

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from stemme import tls
 from tests.test_browser import ARTIFACTS, CHROMIUM, _mic_file, _wait
 from tests.test_server import ServerThread
 
 NAME = "stemme.lan"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian chromium is not installed (.ci/run installs it)")
 
 
 def _https_browser(p, tmp: Path, mic: Path):

@@ -178,20 +178,23 @@ def drain_seconds(c: dict[str, Any]) -> float:
 
     drain = ServerConfig().shutdown_grace_s
     args = c.get("args", [])
-    if "--drain-seconds" in args:
-        drain = float(args[args.index("--drain-seconds") + 1])
-    return float(env_of(c).get("STEMME_DRAIN_SECONDS") or drain)
+    for flag in ("--drain-grace", "--drain-seconds"):
+        if flag in args:
+            drain = float(args[args.index(flag) + 1])
+    env = env_of(c)
+    return float(env.get("STEMME_DRAIN_GRACE_S") or env.get("STEMME_DRAIN_SECONDS") or drain)
 
 
 @pytest.mark.parametrize("d", RENDERS)
 def test_grace_period_exceeds_the_drain_and_the_longest_turn(rendered: dict[str, str], d: str) -> None:
-    from stemme.streaming.server import ServerConfig
+    from stemme.streaming.server import SHUTDOWN_AFTER_DRAIN_S, ServerConfig
 
     deploy = find(objects(rendered[d]), "Deployment", "stemme")
     c = container(deploy, "stemme")
     grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert grace >= pre_stop + drain_seconds(c) + 10, (grace, pre_stop, drain_seconds(c))
+    need = pre_stop + drain_seconds(c) + SHUTDOWN_AFTER_DRAIN_S
+    assert grace >= need, (grace, pre_stop, drain_seconds(c), SHUTDOWN_AFTER_DRAIN_S)
     assert grace > ServerConfig().max_turn_s
 
 

@@ -64,12 +64,14 @@ async def _closed(ws: ClientConnection, seen: list[str] | None = None, seconds: 
     return e.value.rcvd
 
 
-async def _speak(ws: ClientConnection, path: str) -> None:
-    """A recorded utterance as input_audio_buffer.append events (faster than real time)."""
+async def _speak(ws: ClientConnection, path: str, *, whole: bool = False) -> None:
+    """A recorded utterance and 1 s of silence as input_audio_buffer.append events (faster than real time), or
+    as one event (``whole``: its speech starts and stops within one message)."""
     pcm = float_to_pcm16(resample(read_wav(SPEECH / path).samples, 16000, 24000))
     pcm += float_to_pcm16(np.zeros(24000, np.float32))
-    for i in range(0, len(pcm), 9600):
-        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + 9600])
+    step = len(pcm) if whole else 9600
+    for i in range(0, len(pcm), step):
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + step])
                                   .decode()}))
 
 
@@ -77,15 +79,16 @@ async def test_drain_in_process(engines) -> None:
     s = ServerThread(engines, shutdown_grace_s=timeout(120))
     http = s.url.replace("ws://", "http://")
     try:
-        async with connect(s.url + "/v1/realtime") as a, connect(s.url + "/v1/realtime") as b:
-            await _next(a, "session.created")
-            await _next(b, "session.created")
+        async with connect(s.url + "/v1/realtime") as a, connect(s.url + "/v1/realtime") as b, \
+                connect(s.url + "/v1/realtime") as d:
+            for ws in (a, b, d):
+                await _next(ws, "session.created")
             for ev in STORY:
                 await a.send(json.dumps(ev))
             a_seen: list[str] = []
             await _next(a, "response.output_audio.delta", a_seen)  # A's answer is being spoken
             drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
-            for ws in (a, b):
+            for ws in (a, b, d):
                 ev = await _next(ws, "stemme.draining", a_seen if ws is a else None, 10)
                 assert ev["grace_ms"] == int(timeout(120) * 1000) and ev["event_id"]
             assert await asyncio.to_thread(_http, http + "/readyz") == (503, '{"status": "draining"}')
@@ -106,8 +109,13 @@ async def test_drain_in_process(engines) -> None:
             err = await _next(b, "error", b_seen, 30)
             assert err["error"]["code"] == "server_shutting_down"
             assert b_seen[-2:] == ["input_audio_buffer.speech_started", "error"], b_seen
+            # D's utterance starts and ends within one message: refused too, and never committed nor answered
+            await _speak(d, "en/asterisk_conf-onlyperson.wav", whole=True)
+            d_seen: list[str] = []
+            err = await _next(d, "error", d_seen, 60)
+            assert err["error"]["code"] == "server_shutting_down"
             metrics = (await asyncio.to_thread(_http, http + "/metrics"))[1]
-            assert 'stemme_turns_total{status="refused_draining"} 2.0' in metrics
+            assert 'stemme_turns_total{status="refused_draining"} 3.0' in metrics
             # A's answer, in progress when the drain began, finishes; then both sessions are closed with 1001
             done = await _next(a, "response.done", a_seen)
             assert done["response"]["status"] == "completed"
@@ -115,6 +123,8 @@ async def test_drain_in_process(engines) -> None:
             assert (close.code, close.reason) == (1001, "server shutting down")
             assert (await _closed(b, b_seen)).code == 1001
             assert "response.created" not in b_seen
+            assert (await _closed(d, d_seen)).code == 1001
+            assert not {"input_audio_buffer.committed", "response.created"} & set(d_seen), d_seen
         await asyncio.wait_for(drain, timeout(30))
         assert s.call(lambda: len(s.server.sessions)) == 0
     finally:

@@ -243,6 +243,8 @@ def test_bad_chat_requests(client, base_url):
     assert e.value.body["code"] == "context_length_exceeded"
     r = _post(base_url, "/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = _post(base_url, "/chat/completions", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"  # nested past the parser: no 500
     r = _post(base_url, "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                    "max_tokens": 10**6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -186,6 +186,17 @@ async def test_transcribe_real_recordings(server, manifest, path):
     assert wer(final.text, row["transcript"]) <= 0.35, final.text
 
 
+async def test_no_audio_gets_an_empty_transcript_and_the_connection_goes_on(server):
+    async with _client(server) as c:
+        for e in (Transcribe(language="en"), AudioStart(rate=16000, width=2, channels=1), AudioStop()):
+            await c.write_event(e.event())
+        events = await _until(c, "transcript-stop")
+        assert [e.type for e in events] == ["transcript-start", "transcript", "transcript-stop"], events
+        assert Transcript.from_event(events[1]).text == ""
+        await c.write_event(Describe().event())
+        assert (await _until(c, "info"))[-1].type == "info"
+
+
 async def _audio(c: AsyncTcpClient, last: str, seen: tuple[Event, ...] = ()) -> tuple[np.ndarray, list[Event]]:
     events = [*seen, *await _until(c, last)]
     assert events[-1].type == last, [e.type for e in events][-3:]

@@ -276,6 +276,9 @@ class VoiceCore:
         self.turns = 0
         self.latencies: list[dict[str, Any]] = []
         self.closed = False
+        self.turns_refused = False
+        """The server drains: speech that ends is not committed and starts no response (the client is told by
+        the server, and sends the turn again elsewhere)."""
         self._buffer: list[np.ndarray] = []
         self._buffer_samples = 0
         self._vad: VadStream | None = None
@@ -399,6 +402,8 @@ class VoiceCore:
         self._speech_item = None
         end_ms = event.audio_end_ms + self._offset_ms()
         self.emit(UserSpeechStopped(item_id, end_ms))
+        if self.turns_refused:
+            return
         marks = TurnMarks(speech_end=self._arrival_of(end_ms), turn_detected=time.perf_counter())
         if vad.last_probability is not None:
             marks.extra["end_of_turn_probability"] = round(vad.last_probability, 3)
