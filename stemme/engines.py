@@ -134,6 +134,9 @@ class Engines:
     _cache: dict[str, object] = field(default_factory=dict, repr=False)
 
     def _get(self, name: str, loader):  # noqa: ANN001
+        cached = self._cache.get(name)
+        if cached is not None:  # loaded: no lock (the loader may hold it for minutes while it loads another model)
+            return cached
         with self._lock:
             if name not in self._cache:
                 self._cache[name] = loader(self.config)

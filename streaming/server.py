@@ -525,7 +525,8 @@ class StemmeServer:
     async def voices_page(self, request: Request) -> Response:
         if not self._key_ok(request, self.config.api_key):
             return self._unauthorised()
-        return self._text(200, json.dumps(self.voices(), ensure_ascii=False), "application/json")
+        voices = await asyncio.to_thread(self.voices)  # may wait for the speech engine to load: off the loop
+        return self._text(200, json.dumps(voices, ensure_ascii=False), "application/json")
 
     async def page(self, request: Request) -> Response:
         return self._file(WEB_DIR / "index.html")
