@@ -661,22 +661,27 @@ class RestApi:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", param="stream", code="invalid_type")
-        pieces = self._pieces(messages, options)
+        cancel = threading.Event()  # set when the client goes away: the shared language model stops this answer
+        watch = asyncio.create_task(_watch_disconnect(request, cancel))
+        pieces = self._pieces(messages, options, cancel)
         try:
-            first = await anext(pieces, None)  # errors before the first token (prompt too long) are HTTP errors
-        except StemmeError as e:
-            await pieces.aclose()
-            raise _stemme_error(e) from None
-        if stream:
-            return StreamingResponse(self._sse(first, pieces, options), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._completion(first, pieces, options)
+            try:
+                first = await anext(pieces, None)  # errors before the first token (prompt too long) are HTTP errors
+            except StemmeError as e:
+                await pieces.aclose()
+                raise _stemme_error(e) from None
+            if stream:  # Starlette stops the stream itself when the client goes away
+                return StreamingResponse(self._sse(first, pieces, options), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await self._completion(first, pieces, options)
+        finally:
+            watch.cancel()
 
-    async def _pieces(self, messages: list[dict[str, Any]], options: GenerationOptions
-                      ) -> AsyncGenerator[str | ToolCall, None]:
+    async def _pieces(self, messages: list[dict[str, Any]], options: GenerationOptions,
+                      cancel: threading.Event) -> AsyncGenerator[str | ToolCall, None]:
         """The answer's text pieces and function calls, generated on the shared LLM scheduler."""
         extractor = ToolCallExtractor(bare_json=bool(options.tools) and options.tool_choice != "none")
-        source = llm_pieces(self.engines, self.server.stages, messages, options, threading.Event())
+        source = llm_pieces(self.engines, self.server.stages, messages, options, cancel)
         try:
             async for p in source:
                 for out in extractor.push(p):
@@ -738,6 +743,15 @@ class RestApi:
             await pieces.aclose()
         yield event({}, "tool_calls" if calls else "length" if count >= options.max_new_tokens else "stop")
         yield b"data: [DONE]\n\n"
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` once the client has gone (its request body was read: the next message is the disconnect)."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.25)
 
 
 def rest_routes(server: RestHost, options: RestOptions | None = None) -> list[BaseRoute]:
