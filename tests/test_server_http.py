@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.uri import parse_uri
 
 from tests.conftest import timeout
@@ -153,8 +153,9 @@ async def test_a_client_that_stops_reading_is_cut_off(engines) -> None:
         assert s.call(lambda: sum(x.queued for x in s.server.connections)) == 0
         assert 'stemme_sessions_rejected_total{reason="client_too_slow"} 1.0' in s.call(s.server._metrics).decode()
         frames, end = await asyncio.to_thread(c.read_to_the_end)
-        assert isinstance(end, ConnectionResetError), (end, frames[-1:])  # aborted: no closing handshake
-        assert not any(f.opcode == Opcode.CLOSE for f in frames)  # the close frame never got past what was queued
+        # aborted: no closing handshake. (Whether the close frame itself reached the client's buffers before the
+        # reset depends on how much the kernel's socket buffers took: on a quiet machine they grow to hold it.)
+        assert isinstance(end, ConnectionResetError), (end, frames[-1:])
         assert cut < timeout(30)
     finally:
         s.stop()
