@@ -36,3 +36,15 @@ def manifest() -> list[dict[str, str]]:
 @pytest.fixture(scope="session")
 def sentences() -> dict[str, list[str]]:
     return json.loads((DATA / "sentences.json").read_text())
+
+
+def http_get(url: str, seconds: float = 10) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=seconds) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

@@ -13,8 +13,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,7 @@ from stemme.voice.audio import float_to_pcm16, read_wav, resample
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import SPEECH, timeout
+from tests.conftest import SPEECH, http_get, timeout
 from tests.test_server import ServerThread
 
 STORY: list[dict[str, Any]] = [
@@ -32,12 +30,7 @@ STORY: list[dict[str, Any]] = [
     {"type": "response.create"}]
 
 
-def _http(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+_http = http_get
 
 
 async def _next(ws: ClientConnection, etype: str, seen: list[str] | None = None, seconds: float = 120) -> dict:

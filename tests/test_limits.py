@@ -8,15 +8,13 @@ import gc
 import json
 import os
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from stemme.streaming.server import ServerConfig, StemmeServer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import timeout
+from tests.conftest import http_get, timeout
 from tests.test_server import ServerThread
 
 TEXT_TURN = [
@@ -42,12 +40,7 @@ async def _text_turn(ws) -> dict:
     return await _recv_until(ws, "response.done")
 
 
-def _http(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+_http = http_get
 
 
 async def test_sessions_beyond_the_limit_get_busy_while_admitted_ones_work(engines):

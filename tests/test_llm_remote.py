@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +32,7 @@ from websockets.asyncio.client import connect
 
 from stemme.config import EngineConfig
 from stemme.engines import Engines
-from tests.conftest import timeout
+from tests.conftest import http_get, timeout
 from tests.test_server import ServerThread
 
 WEATHER = [{"type": "function", "function": {
@@ -218,11 +216,7 @@ def down_server() -> Iterator[ServerThread]:
 
 
 def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return http_get(url, 5)
 
 
 async def test_readyz_reports_an_unreachable_endpoint(down_server: ServerThread) -> None:
