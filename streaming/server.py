@@ -779,16 +779,21 @@ async def run_server(engines: Engines, config: ServerConfig, *, wyoming: str | N
 
         door = await start_wyoming(engines, wyoming, stages=server.stages, **(wyoming_opts or {}))
         print(f"Stemme serving Wyoming on {wyoming}", flush=True)
+    await until_signalled()
+    await server.drain()  # the WebSocket sessions and REST requests in progress finish; Wyoming still serves
+    if door is not None:
+        await door.stop()
+    await server.stop()
+    await asyncio.get_running_loop().run_in_executor(None, _join_engine_threads, ENGINE_JOIN_S)
+
+
+async def until_signalled() -> None:
+    """Return once the process gets SIGINT or SIGTERM (then the caller drains and stops)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.drain()  # the WebSocket sessions and REST requests in progress finish; Wyoming still serves
-    if door is not None:
-        await door.stop()
-    await server.stop()
-    await loop.run_in_executor(None, _join_engine_threads, ENGINE_JOIN_S)
 
 
 def add_serve_parser(sub: Any, engine_args: Any, make_config: Any) -> None:

@@ -832,15 +832,11 @@ def wyoming_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _serve(engines: Engines, uri: str, opts: dict[str, Any]) -> None:
-    import signal
+    from stemme.streaming.server import until_signalled
 
     server = await start_wyoming(engines, uri, **opts)
     print(f"Stemme Wyoming on {uri} (port {server.port}); loading models…", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await server.stop()
 
 

@@ -30,9 +30,6 @@ STORY: list[dict[str, Any]] = [
     {"type": "response.create"}]
 
 
-_http = http_get
-
-
 async def _next(ws: ClientConnection, etype: str, seen: list[str] | None = None, seconds: float = 120) -> dict:
     """The next event of type ``etype`` (binary frames skipped); every type on the way into ``seen``."""
     async with asyncio.timeout(timeout(seconds)):
@@ -84,9 +81,9 @@ async def test_drain_in_process(engines) -> None:
             for ws in (a, b, d):
                 ev = await _next(ws, "stemme.draining", a_seen if ws is a else None, 10)
                 assert ev["grace_ms"] == int(timeout(120) * 1000) and ev["event_id"]
-            assert await asyncio.to_thread(_http, http + "/readyz") == (503, '{"status": "draining"}')
-            assert await asyncio.to_thread(_http, http + "/healthz") == (200, "ok\n")
-            metrics = (await asyncio.to_thread(_http, http + "/metrics"))[1]
+            assert await asyncio.to_thread(http_get, http + "/readyz") == (503, '{"status": "draining"}')
+            assert await asyncio.to_thread(http_get, http + "/healthz") == (200, "ok\n")
+            metrics = (await asyncio.to_thread(http_get, http + "/metrics"))[1]
             assert "stemme_draining 1.0" in metrics and "stemme_ready 0.0" in metrics
             async with connect(s.url + "/v1/realtime") as c:  # the port listens: a new session is refused
                 err = json.loads(await c.recv())
@@ -107,7 +104,7 @@ async def test_drain_in_process(engines) -> None:
             d_seen: list[str] = []
             err = await _next(d, "error", d_seen, 60)
             assert err["error"]["code"] == "server_shutting_down"
-            metrics = (await asyncio.to_thread(_http, http + "/metrics"))[1]
+            metrics = (await asyncio.to_thread(http_get, http + "/metrics"))[1]
             assert 'stemme_turns_total{status="refused_draining"} 3.0' in metrics
             # A's answer, in progress when the drain began, finishes; then both sessions are closed with 1001
             done = await _next(a, "response.done", a_seen)
@@ -155,7 +152,7 @@ async def _wait_ready(url: str, proc: Any, seconds: float) -> None:
     while time.monotonic() < deadline:
         assert proc.returncode is None, "the server exited while starting"
         try:
-            if (await asyncio.to_thread(_http, url + "/readyz"))[0] == 200:
+            if (await asyncio.to_thread(http_get, url + "/readyz"))[0] == 200:
                 return
         except OSError:
             pass
@@ -180,7 +177,7 @@ async def test_sigterm_during_a_long_reply_exits_0_after_response_done(tmp_path)
             await _next(ws, "response.output_audio.delta", seen)
             proc.send_signal(signal.SIGTERM)
             await _next(ws, "stemme.draining", seen, 10)
-            code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{port}/readyz")
+            code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/readyz")
             assert (code, json.loads(body)) == (503, {"status": "draining"})  # the port still listens
             done = await _next(ws, "response.done", seen)
             assert done["response"]["status"] in ("completed", "cancelled"), done

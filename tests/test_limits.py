@@ -40,9 +40,6 @@ async def _text_turn(ws) -> dict:
     return await _recv_until(ws, "response.done")
 
 
-_http = http_get
-
-
 async def test_sessions_beyond_the_limit_get_busy_while_admitted_ones_work(engines):
     s = ServerThread(engines, max_sessions=2)
     try:
@@ -98,7 +95,7 @@ async def test_metrics_and_health_endpoints(engines):
             await _text_turn(ws)
             await ws.send("{bad json")
             await _recv_until(ws, "error")
-            code, body = await asyncio.to_thread(_http, http + "/metrics")
+            code, body = await asyncio.to_thread(http_get, http + "/metrics")
             assert code == 200
             assert "stemme_sessions_active 1.0" in body
             assert 'stemme_turns_total{status="completed"}' in body
@@ -107,8 +104,8 @@ async def test_metrics_and_health_endpoints(engines):
             assert 'stemme_model_loaded{engine="llm"} 1.0' in body
             assert 'stemme_queue_depth{stage="tts"}' in body
             assert 'stemme_batch_size_count{stage="asr"}' in body and 'stemme_batch_size_count{stage="llm"}' in body
-        assert await asyncio.to_thread(_http, http + "/healthz") == (200, "ok\n")
-        assert await asyncio.to_thread(_http, http + "/readyz") == (200, "ready\n")
+        assert await asyncio.to_thread(http_get, http + "/healthz") == (200, "ok\n")
+        assert await asyncio.to_thread(http_get, http + "/readyz") == (200, "ready\n")
     finally:
         s.stop()
 
@@ -132,13 +129,13 @@ async def test_not_ready_until_models_are_loaded(engines):
     await server.start(wait_ready=False)
     try:
         http = f"http://127.0.0.1:{server.port}"
-        assert await asyncio.to_thread(_http, http + "/healthz") == (200, "ok\n")
-        assert (await asyncio.to_thread(_http, http + "/readyz"))[0] == 503
+        assert await asyncio.to_thread(http_get, http + "/healthz") == (200, "ok\n")
+        assert (await asyncio.to_thread(http_get, http + "/readyz"))[0] == 503
         async with connect(f"ws://127.0.0.1:{server.port}/v1/realtime") as ws:
             assert json.loads(await ws.recv())["error"]["code"] == "server_not_ready"
         fake.release.set()
         await asyncio.wait_for(server._loading, timeout(10))
-        assert await asyncio.to_thread(_http, http + "/readyz") == (200, "ready\n")
+        assert await asyncio.to_thread(http_get, http + "/readyz") == (200, "ready\n")
     finally:
         fake.release.set()
         await server.stop()
