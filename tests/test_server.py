@@ -387,7 +387,9 @@ async def test_semantic_vad_ends_a_complete_sentence_at_a_short_pause(server):
     assert r.status == "completed" and r.reply.strip()
     assert "weasel" in r.transcript.lower()
     assert r.latency["end_of_turn_probability"] > 0.5
-    assert r.latency["end_of_turn_ms"] < 400, r.latency
+    # the turn ended after 200 ms of the stream's silence, not 500 (in audio time: the same on a loaded machine)
+    assert r.latency["end_of_turn_silence_ms"] < 400, r.latency
+    assert r.latency["end_of_turn_ms"] < timeout(1500), r.latency
 
 
 async def test_semantic_vad_eagerness_is_checked(server):

@@ -407,6 +407,7 @@ class VoiceCore:
         marks = TurnMarks(speech_end=self._arrival_of(end_ms), turn_detected=time.perf_counter())
         if vad.last_probability is not None:
             marks.extra["end_of_turn_probability"] = round(vad.last_probability, 3)
+        marks.extra["end_of_turn_silence_ms"] = max(0, event.decided_ms - event.audio_end_ms)
         self._commit_audio(event.audio, item_id, marks, create_response=td.create_response)
 
     def _offset_ms(self) -> int:
@@ -602,6 +603,8 @@ class VoiceCore:
         return bool(self.items) and self.items[-1].get("type") == "function_call_output"
 
     def _emit_output(self, run: ResponseRun, out: SpokenClause | TextPiece | ToolCall) -> None:
+        if run.cancel.is_set():
+            return  # a step finished after the barge-in: the client was told to drop this answer's audio
         if isinstance(out, ToolCall):
             self._function_call(run, out)
             return

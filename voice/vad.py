@@ -60,6 +60,8 @@ class SpeechStopped:
     """The utterance at 16 kHz, prefix padding and a little trailing silence included."""
     forced: bool = False
     """True when the utterance hit ``max_speech_s``."""
+    decided_ms: int = 0
+    """Where in the stream the end was decided: ``decided_ms - audio_end_ms`` is the silence it waited for."""
 
 
 @dataclass
@@ -199,7 +201,8 @@ class VadStream:
         if complete or self._silence_run >= lim.silence_end or length >= lim.longest:
             keep = len(self._utterance) - max(0, self._silence_run - lim.trail)
             audio = np.concatenate(self._utterance[:keep]) if keep > 0 else np.zeros(0, np.float32)
-            events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio, forced=length >= lim.longest))
+            events.append(SpeechStopped(self._ms(self._last_voiced + 1), audio, forced=length >= lim.longest,
+                                        decided_ms=self._ms(idx + 1)))
             self._utterance = []
             self._speaking = False
             self._voiced_run = self._silence_run = 0

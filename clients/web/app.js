@@ -4,12 +4,12 @@
   const $ = (id) => document.getElementById(id);
   const stats = window.stemmeStats = {
     state: 'connecting', played: 0, buffered: 0, underruns: 0, cleared: 0, dropped: 0, audioIn: 0,
-    turns: 0, transcript: '', reply: '', language: '', latency: null, events: [], errors: [],
+    turns: 0, responses: 0, stale: 0, voices: 0, transcript: '', reply: '', language: '', latency: null, events: [], errors: [],
   };
   const params = new URLSearchParams(location.search);
   let key = params.get('key') || sessionStorage.getItem('stemme-key') || '';
   let ws = null, micCtx = null, micStream = null, playCtx = null, playNode = null;
-  let currentItem = null, itemStartPlayed = 0, replyText = '';
+  let currentItem = null, itemStartPlayed = 0, replyText = '', afterClear = false;
 
   function setState(s, text) { stats.state = s; $('state').dataset.state = s; $('state').textContent = text; }
   function message(text) { const m = $('message'); m.textContent = text || ''; m.hidden = !text; if (text) stats.errors.push(text); }
@@ -33,6 +33,7 @@
         o.title = v.description || ''; o.dataset.language = v.language; o.dataset.engine = v.engine;
         (groups.get(v.language) || voice).append(o);
       }
+      stats.voices = data.voices.length;
     } catch (e) {
       // a connection problem, if any, is the message that matters
       if (stats.state !== 'error') message('Could not load the list of voices from the server.');
@@ -99,7 +100,7 @@
           $('user-text').textContent = ev.item.content[0].text;
         }
         break;
-      case 'response.created': replyText = ''; $('reply-text').textContent = ''; $('vad').textContent = ''; break;
+      case 'response.created': stats.responses++; afterClear = false; replyText = ''; $('reply-text').textContent = ''; $('vad').textContent = ''; break;
       case 'response.output_item.added': currentItem = ev.item.id; itemStartPlayed = stats.played + stats.buffered; break;
       case 'response.output_audio_transcript.delta':
       case 'response.output_text.delta':
@@ -137,6 +138,8 @@
 
   function playAudio(buf) {
     if (!playNode) { ensurePlayback().then(() => playAudio(buf)); return; }
+    // audio of an interrupted answer still in flight when the buffer was cleared is never played
+    if (afterClear) { stats.stale += buf.byteLength / 2; return; }
     const pcm = new Int16Array(buf);
     const f = new Float32Array(pcm.length);
     for (let i = 0; i < pcm.length; i++) f[i] = pcm[i] / 32768;
@@ -145,7 +148,7 @@
   }
 
   function clearPlayback() {
-    stats.cleared++;
+    stats.cleared++; afterClear = true;
     if (playNode) playNode.port.postMessage({ type: 'clear' });
     if (currentItem) {
       // keep in the conversation only what was heard
