@@ -54,8 +54,8 @@ def test_tts_priority_pauses_generation_while_speaking():
     off = TtsPriority(enabled=False)
     with off.speaking():
         t = time.perf_counter()
-        off.wait(cancel)
-        assert time.perf_counter() - t < 0.05
+        off.wait(cancel)  # enabled, this would wait for the end of the speaking block: for ever
+        assert time.perf_counter() - t < 1.0
 
 
 def test_turn_marks_report():
