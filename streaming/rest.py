@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from stemme.engines import Engines
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split())
 """OpenAI's voice names: each speaks with the default voice of the text's language."""
@@ -596,7 +597,7 @@ class RestApi:
                              prompt=prompt[:2000] if prompt else None)
         data = await upload.read()
         audio = await asyncio.to_thread(decode_audio, data, self.options.max_audio_seconds)
-        transcript = await transcribe(self.engines, self.server.stages, audio, options)
+        transcript = await unless_gone(request, transcribe(self.engines, self.server.stages, audio, options))
         return transcript_response(transcript, fmt or "json")
 
     # -- /v1/audio/speech ------------------------------------------------------------------------------------
@@ -743,6 +744,24 @@ class RestApi:
             await pieces.aclose()
         yield event({}, "tool_calls" if calls else "length" if count >= options.max_new_tokens else "stop")
         yield b"data: [DONE]\n\n"
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first: then it is cancelled (a job still queued on a stage is
+    withdrawn, so a long upload nobody waits for any more does not hold the shared ASR) and a 499 is raised."""
+    task = asyncio.ensure_future(work)
+    gone = threading.Event()
+    watch = asyncio.create_task(_watch_disconnect(request, gone))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    finally:
+        watch.cancel()
+        task.cancel()
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:

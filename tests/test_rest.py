@@ -275,6 +275,49 @@ def test_event_loop_free_during_long_transcription(server, client, base_url):
     assert worst < took / 3, (worst, took)  # on the loop, one health check would wait for the whole transcription
 
 
+def _poll(check, seconds: float) -> bool:
+    end = time.monotonic() + timeout(seconds)
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_transcription_nobody_waits_for_is_withdrawn(server, client, base_url):
+    """A long upload whose client hangs up while it waits behind another transcription leaves the ASR queue at
+    once: the shared recogniser never spends its time on it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    long = _wav(resample(np.concatenate([read_wav(SPEECH / p).samples for p in REFERENCES] * 4), 16000,
+                         OUTPUT_RATE))
+    asr = server.server.stages.asr
+    before = asr.items
+    first = threading.Thread(target=lambda: client.audio.transcriptions.create(model="whisper-1",
+                                                                               file=("a.wav", long)))
+    first.start()
+    assert _poll(lambda: asr.items > before, 30)  # the first upload is being transcribed
+    req = httpx.Request("POST", base_url + "/audio/transcriptions", files={"file": ("b.wav", long)},
+                        data={"model": "whisper-1"}, headers={"Authorization": f"Bearer {KEY}"})
+    body = req.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() != "connection")
+    url = urlsplit(base_url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=timeout(10))
+    sock.sendall(f"POST {url.path}/audio/transcriptions HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode()
+                 + body)
+    try:
+        assert _poll(lambda: asr.depth == 1, 30), "the second upload should wait behind the first"
+    finally:
+        sock.close()
+    withdrawn = _poll(lambda: asr.depth == 0, 3)
+    still_busy = first.is_alive()
+    first.join(timeout(120))
+    assert withdrawn and still_busy, (withdrawn, still_busy)  # it left the queue before the first one finished
+    time.sleep(0.5)
+    assert asr.items == before + 1  # and was never transcribed
+
+
 def test_draining_server_refuses_new_requests(engines):
     s = ServerThread(engines, api_key=KEY)
     try:

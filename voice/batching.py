@@ -37,7 +37,7 @@ class BatchingOptions:
     waiting."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job(Generic[T]):
     item: T
     key: Hashable | None
@@ -75,26 +75,35 @@ class MicroBatcher(Generic[T, R]):
         return len(self._queue)
 
     def submit(self, item: T) -> Future:
+        return self._enqueue(item).future
+
+    def _enqueue(self, item: T) -> _Job[T]:
         job = _Job(item, self.key(item) if self.options.max_batch > 1 else None)
         with self._cond:
             if self._stop:
                 raise RuntimeError(f"the {self.name} stage is shut down")
             self._queue.append(job)
             self._cond.notify()
-        return job.future
+        return job
 
     async def __call__(self, item: T) -> R:
         """Submit from the event loop and wait for this item's result (cancelling the wait withdraws the item
-        if no worker has taken it yet)."""
+        from the queue if no worker has taken it yet)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[R] = loop.create_future()
-        job = self.submit(item)
-        job.add_done_callback(lambda done: _hand_over(loop, waiter, done))
+        job = self._enqueue(item)
+        job.future.add_done_callback(lambda done: _hand_over(loop, waiter, done))
         try:
             return await waiter
         except asyncio.CancelledError:
-            job.cancel()
+            self._withdraw(job)
             raise
+
+    def _withdraw(self, job: _Job[T]) -> None:
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+        job.future.cancel()
 
     def shutdown(self) -> None:
         with self._cond:
