@@ -7,7 +7,8 @@ Behind a load balancer, a replica that drains (SIGTERM) tells its sessions (``st
 turns (``server_shutting_down``) and closes with 1001; a replica that is busy or stopping refuses new sessions
 with 1013. ``ReconnectingClient`` then opens a new session on the same URL (the balancer picks a replica;
 backoff 0.2 s doubling to 2 s, at most 10 tries) and sends the turn again; every turn ends completed or
-failed with its reason.
+failed with its reason. The conversation goes with it: the new session is given the recent turns (what the user
+said and what was answered) as conversation items before the turn, so a follow-up still makes sense.
 """
 
 from __future__ import annotations
@@ -157,12 +158,16 @@ class RealtimeClient:
         return await self.wait_for("session.updated")
 
     async def wait_for(self, etype: str, timeout: float = 30.0) -> dict[str, Any]:
+        return await self.wait_for_any((etype,), timeout)
+
+    async def wait_for_any(self, etypes: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+        """The next event of one of ``etypes`` (others are skipped); ConnectionError if the connection closes."""
         deadline = time.monotonic() + timeout
         while True:
             ev = await asyncio.wait_for(self.events.get(), max(0.01, deadline - time.monotonic()))
-            if isinstance(ev, dict) and ev.get("type") in (etype, "stemme.client.closed"):
-                if ev["type"] != etype:
-                    raise ConnectionError(f"connection closed while waiting for {etype}")
+            if isinstance(ev, dict) and ev.get("type") in (*etypes, "stemme.client.closed"):
+                if ev["type"] not in etypes:
+                    raise ConnectionError(f"connection closed while waiting for {', '.join(etypes)}")
                 return ev
 
     async def stream(self, samples: np.ndarray, *, realtime: bool = True, then_silence_s: float = 0.0,
@@ -314,12 +319,17 @@ class ReconnectingClient:
     """Spoken turns that survive a draining or refusing server. Each turn runs on the current session; when the
     server refuses it, cancels it for shutdown or closes with 1001/1013, a new session is opened on the same URL
     (``Backoff``) and the turn is sent again. A session that was told ``stemme.draining`` is left after its
-    turn: the next turn starts on a new one. Counters: ``sessions`` opened, ``refusals`` of sessions,
-    ``reconnects``, ``told_draining`` (sessions the server said it drains)."""
+    turn: the next turn starts on a new one, which is first given the conversation so far (the last
+    ``keep_turns`` completed turns, as user and assistant items). Counters: ``sessions`` opened, ``refusals`` of
+    sessions, ``reconnects``, ``told_draining`` (sessions the server said it drains), ``replayed`` items."""
 
     def __init__(self, url: str, *, key: str | None = None, binary: bool = False, backoff: Backoff | None = None,
-                 setup: Setup | None = None) -> None:
+                 setup: Setup | None = None, keep_turns: int = 8) -> None:
         self.url, self.key, self.binary = url, key, binary
+        self.keep_turns = keep_turns
+        self.history: list[tuple[str, str]] = []
+        """(role, text) of the completed turns, oldest first: what a new session is told."""
+        self.replayed = 0
         self.backoff = backoff or Backoff()
         self.setup = setup
         """Run on every new session after ``session.created`` (e.g. ``session.update``)."""
@@ -329,6 +339,23 @@ class ReconnectingClient:
         self._leave = False
         """The current session refused or cancelled a turn for shutdown: the next attempt needs a new one."""
         self.sessions = self.refusals = self.reconnects = self.told_draining = 0
+
+    def remember(self, r: TurnResult) -> None:
+        """Keep a completed turn for the next session (the last ``keep_turns``)."""
+        if r.status == "completed" and r.transcript.strip() and r.reply.strip():
+            self.history += [("user", r.transcript.strip()), ("assistant", r.reply.strip())]
+            del self.history[:-2 * self.keep_turns]
+
+    async def _replay(self, c: RealtimeClient) -> None:
+        """Tell a new session the conversation so far, one item at a time (each is acknowledged)."""
+        for role, text in self.history:
+            kind = "input_text" if role == "user" else "output_text"
+            await c.send({"type": "conversation.item.create",
+                          "item": {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}})
+            ev = await c.wait_for_any(("conversation.item.added", "error"), timeout=30)
+            if ev["type"] == "error":
+                raise Refused(str((ev.get("error") or {}).get("code") or "replay refused"))
+            self.replayed += 1
 
     async def __aenter__(self) -> ReconnectingClient:
         await self._open(first=True)
@@ -354,6 +381,7 @@ class ReconnectingClient:
             await c.handshake()
             if self.setup is not None:
                 await self.setup(c)
+            await self._replay(c)
         except BaseException:
             await c.__aexit__()
             raise
@@ -409,6 +437,7 @@ class ReconnectingClient:
             r.refused, r.drain_cancelled, r.splits = refused, drain_cancelled, splits
             why = retry_reason(r)
             if why is None:
+                self.remember(r)
                 if r.status in ("closed", "unauthorized"):
                     self.gone = r.reason or r.status
                 return r

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from stemme.clients.talk import Backoff, ReconnectingClient
 from stemme.voice.audio import float_to_pcm16, read_wav, resample
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -119,6 +120,30 @@ async def test_drain_in_process(engines) -> None:
         assert s.call(lambda: len(s.server.sessions)) == 0
     finally:
         s.stop()
+
+
+async def test_a_device_moves_to_another_replica_with_its_conversation(engines) -> None:
+    """A drained replica's device opens its next session on another replica (here: the balancer's choice, set
+    by hand) and first tells it the conversation so far: the new server holds the earlier turn as items."""
+    a, b = ServerThread(engines, shutdown_grace_s=timeout(60)), ServerThread(engines)
+    try:
+        async with ReconnectingClient(a.url, backoff=Backoff(first=0.05)) as rc:
+            first = await rc.talk(read_wav(SPEECH / "en/asterisk_tt-weasels.wav").samples, timeout=timeout(120))
+            assert first.status == "completed" and "weasel" in first.transcript.lower(), first
+            rc.url = b.url
+            await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.drain(), a.loop)),
+                                   timeout(60))
+            second = await rc.talk(read_wav(SPEECH / "en/asterisk_conf-onlyperson.wav").samples,
+                                   timeout=timeout(120))
+            assert second.status == "completed" and second.reconnects == 1, second
+            items = b.call(lambda: [it for sess in b.server.sessions for it in sess.core.items])
+        texts = [(it.get("role"), c.get("text") or c.get("transcript") or "") for it in items
+                 for c in it.get("content") or []]
+        assert texts[:2] == [("user", first.transcript.strip()), ("assistant", first.reply.strip())], texts
+        assert "conference" in texts[2][1].lower() and rc.replayed == 2, texts
+    finally:
+        a.stop()
+        b.stop()
 
 
 async def test_drain_deadline_cancels_the_response(engines) -> None:

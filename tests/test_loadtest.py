@@ -84,6 +84,8 @@ class FakeDrainingServer:
     cancelled: int = 0
     refused_at: list[float] = field(default_factory=list)
     opened_at: list[float] = field(default_factory=list)
+    told: list[list[tuple[str, str]]] = field(default_factory=list)
+    """Per session: the conversation items the client created (role, text)."""
 
     async def handler(self, ws: ServerConnection) -> None:
         plan = self.plans[min(self.connections, len(self.plans) - 1)]
@@ -97,11 +99,17 @@ class FakeDrainingServer:
         self.sessions += 1
         self.opened_at.append(time.monotonic())
         await ws.send(json.dumps({"type": "session.created", "session": {}}))
+        told: list[tuple[str, str]] = []
+        self.told.append(told)
         heard = turns = 0
         async for m in ws:
             ev = json.loads(m) if isinstance(m, str) else {"type": "input_audio_buffer.append", "pcm": m}
             if ev["type"] == "session.update":
                 await ws.send(json.dumps({"type": "session.updated", "session": {}}))
+                continue
+            if ev["type"] == "conversation.item.create":
+                told.append((ev["item"]["role"], ev["item"]["content"][0]["text"]))
+                await ws.send(json.dumps({"type": "conversation.item.added", "item": ev["item"]}))
                 continue
             heard += len(ev.get("pcm") or base64.b64decode(ev.get("audio", ""))) // 2
             if heard < 4800:
@@ -165,6 +173,8 @@ async def test_fake_a_refused_turn_is_sent_again_on_a_new_session_after_backoff(
         assert [(r.attempts, r.reconnects, r.refused) for r in rows] == [(1, 0, 0), (2, 1, 1), (1, 0, 0)]
         assert (rc.sessions, rc.refusals, rc.reconnects, rc.told_draining) == (2, 1, 1, 1)
         assert (fake.connections, fake.completed, fake.refused_turns) == (3, 3, 1)
+        # the new session was told the conversation so far (the first turn) before the turn was sent again
+        assert fake.told == [[], [("user", "hi"), ("assistant", "Hello.")]] and rc.replayed == 2
         # backoff: 0.2 s before the first try (refused), 0.4 s before the second
         assert fake.refused_at[0] - fake.opened_at[0] >= 0.2
         assert fake.opened_at[1] - fake.refused_at[0] >= 0.4
