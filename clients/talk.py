@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import sys
@@ -23,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, Audio, float_to_pcm16, read_wav, write_wav
@@ -462,7 +463,8 @@ async def _talk_main(args: argparse.Namespace) -> int:
     async def setup(c: RealtimeClient) -> None:
         await c.configure(language=args.language, voice=args.voice)
 
-    async with ReconnectingClient(args.url, key=args.key, binary=args.binary, setup=setup) as client:
+    backoff = Backoff(tries=args.reconnect_tries)
+    async with ReconnectingClient(args.url, key=args.key, binary=args.binary, setup=setup, backoff=backoff) as client:
         code = 0
         for i, path in enumerate(args.files):
             audio = read_wav(path)
@@ -486,6 +488,106 @@ async def _talk_main(args: argparse.Namespace) -> int:
         return code
 
 
+class Speaker(Protocol):
+    """Where a live conversation's answers play: 24 kHz PCM16 in, dropped at once on ``clear`` (barge-in)."""
+
+    def write(self, pcm16: bytes) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+def _say(out: dict[str, Any]) -> None:
+    print(json.dumps(out, ensure_ascii=False), flush=True)
+
+
+async def live(rc: ReconnectingClient, mic: asyncio.Queue[bytes], speaker: Speaker,
+               say: Callable[[dict[str, Any]], None] = _say) -> int:
+    """A live conversation: microphone blocks (16 kHz PCM16) to the session, its answers to ``speaker``. When the
+    session ends for a drain or a restart (1001, 1013), a new one is opened on the same URL and told the
+    conversation so far (``ReconnectingClient``); the microphone's blocks wait in ``mic`` meanwhile. Returns
+    when the server closes for another reason (1 when that is an error) or no new session can be opened."""
+    while True:
+        c = rc.client
+        assert c is not None
+        code = await _live_session(c, rc, mic, speaker, say)
+        if code not in RETRY_CLOSE_CODES:
+            say({"event": "closed", "code": code})
+            return 0 if code == 1000 else 1
+        await rc._drop()
+        try:
+            await rc._open()
+        except Refused as e:
+            say({"event": "gone", "reason": e.reason})
+            return 1
+        rc.reconnects += 1
+        say({"event": "reconnected", "sessions": rc.sessions, "replayed": rc.replayed})
+
+
+async def _live_session(c: RealtimeClient, rc: ReconnectingClient, mic: asyncio.Queue[bytes], speaker: Speaker,
+                        say: Callable[[dict[str, Any]], None]) -> int | None:
+    """One session of a live conversation, until it closes (its close code), or until it is draining and no
+    answer is in progress (1001: the next words go to a new session rather than be refused)."""
+
+    async def pump() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while not c.closed:
+                await c.send_audio(await mic.get())
+
+    pump_task = asyncio.create_task(pump())
+    heard, answering = "", False
+    try:
+        while True:
+            if c.draining and not answering:
+                return 1001
+            ev = await c.events.get()
+            if isinstance(ev, bytes):
+                speaker.write(ev)
+                continue
+            t = ev.get("type")
+            if t == "response.output_audio.delta":
+                speaker.write(base64.b64decode(ev["delta"]))
+            elif t == "output_audio_buffer.cleared":
+                speaker.clear()
+            elif t == "conversation.item.input_audio_transcription.completed":
+                heard = ev["transcript"]
+                say({"event": "transcript", "text": heard, "language": (ev.get("stemme") or {}).get("language")})
+            elif t == "response.created":
+                answering = True
+            elif t == "response.done":
+                answering = False
+                _answered(ev, heard, rc, say)
+            elif t == "stemme.draining":
+                say({"event": "draining", "grace_ms": ev.get("grace_ms")})
+            elif t == "stemme.client.closed":
+                return c.close_code
+    finally:
+        pump_task.cancel()
+
+
+def _answered(ev: dict[str, Any], heard: str, rc: ReconnectingClient, say: Callable[[dict[str, Any]], None]) -> None:
+    reply, status = _reply_text(ev), ev["response"]["status"]
+    rc.remember(TurnResult(status=status, transcript=heard, reply=reply or ""))
+    say({"event": "reply", "text": reply, "status": status, "latency_ms": (ev.get("stemme") or {}).get("latency")})
+
+
+def _reply_text(ev: dict[str, Any]) -> str | None:
+    out = ev["response"].get("output") or [{}]
+    content = (out[0].get("content") or [{}])[0]
+    return content.get("transcript", content.get("text"))
+
+
+class _SoundDeviceSpeaker:
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, pcm16: bytes) -> None:
+        self.stream.write(pcm16)
+
+    def clear(self) -> None:
+        self.stream.abort()
+        self.stream.start()
+
+
 async def _microphone(args: argparse.Namespace) -> int:
     """Live conversation: the default microphone in, the default speaker out (needs ``sounddevice``)."""
     try:
@@ -500,7 +602,7 @@ async def _microphone(args: argparse.Namespace) -> int:
         print(f"stemme: error: no usable microphone: {e}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
-    mic: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)
+    mic: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)  # 4 s: what is said while a new session opens
 
     def put(block: bytes) -> None:
         if not mic.full():
@@ -509,50 +611,16 @@ async def _microphone(args: argparse.Namespace) -> int:
     def on_audio(indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio callback
         loop.call_soon_threadsafe(put, bytes(indata))
 
+    async def setup(c: RealtimeClient) -> None:
+        await c.configure(language=args.language, voice=args.voice)
+
     speaker = sd.RawOutputStream(samplerate=OUTPUT_RATE, channels=1, dtype="int16")
-    async with RealtimeClient(args.url, key=args.key, binary=args.binary) as client:
-        await client.wait_for("session.created", timeout=30)
-        await client.configure(language=args.language, voice=args.voice)
-        print(json.dumps({"event": "listening", "hint": "speak; Ctrl-C to stop"}), flush=True)
-
-        async def pump() -> None:
-            while True:
-                await client.send_audio(await mic.get())
-
-        async def events() -> None:
-            while True:
-                ev = await client.events.get()
-                if isinstance(ev, bytes):
-                    speaker.write(ev)
-                    continue
-                t = ev.get("type")
-                if t == "response.output_audio.delta":
-                    speaker.write(base64.b64decode(ev["delta"]))
-                elif t == "output_audio_buffer.cleared":
-                    speaker.abort()
-                    speaker.start()
-                elif t == "conversation.item.input_audio_transcription.completed":
-                    print(json.dumps({"event": "transcript", "text": ev["transcript"],
-                                      "language": (ev.get("stemme") or {}).get("language")}, ensure_ascii=False),
-                          flush=True)
-                elif t == "response.done":
-                    out = ev["response"].get("output") or [{}]
-                    content = (out[0].get("content") or [{}])[0]
-                    print(json.dumps({"event": "reply", "text": content.get("transcript", content.get("text")),
-                                      "status": ev["response"]["status"],
-                                      "latency_ms": (ev.get("stemme") or {}).get("latency")}, ensure_ascii=False),
-                          flush=True)
-                elif t == "stemme.client.closed":
-                    return
-
+    backoff = Backoff(tries=args.reconnect_tries)
+    async with ReconnectingClient(args.url, key=args.key, binary=args.binary, setup=setup, backoff=backoff) as rc:
+        _say({"event": "listening", "hint": "speak; Ctrl-C to stop"})
         with sd.RawInputStream(samplerate=ASR_RATE, channels=1, dtype="int16", blocksize=ASR_RATE // 50,
                                callback=on_audio), speaker:
-            pump_task = asyncio.create_task(pump())
-            try:
-                await events()
-            finally:
-                pump_task.cancel()
-    return 0
+            return await live(rc, mic, _SoundDeviceSpeaker(speaker))
 
 
 def add_talk_parser(sub: Any) -> None:
@@ -566,6 +634,8 @@ def add_talk_parser(sub: Any) -> None:
     t.add_argument("--voice", default=None)
     t.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
     t.add_argument("-v", "--verbose", action="store_true", help="print every server event")
+    t.add_argument("--reconnect-tries", type=int, default=Backoff.tries,
+                   help="tries to open a new session when the server drains or restarts (default %(default)s)")
 
     def cmd(args: argparse.Namespace) -> int:
         try:

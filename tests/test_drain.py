@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from stemme.clients.talk import Backoff, ReconnectingClient
+from stemme.clients.talk import Backoff, ReconnectingClient, live
 from stemme.voice.audio import float_to_pcm16, read_wav, resample
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -141,6 +141,78 @@ async def test_a_device_moves_to_another_replica_with_its_conversation(engines) 
                  for c in it.get("content") or []]
         assert texts[:2] == [("user", first.transcript.strip()), ("assistant", first.reply.strip())], texts
         assert "conference" in texts[2][1].lower() and rc.replayed == 2, texts
+    finally:
+        a.stop()
+        b.stop()
+
+
+class FakeSpeaker:
+    """Collects what a live conversation plays (a test double for the sound card)."""
+
+    def __init__(self) -> None:
+        self.pcm = bytearray()
+        self.clears = 0
+
+    def write(self, pcm16: bytes) -> None:
+        self.pcm += pcm16
+
+    def clear(self) -> None:
+        self.clears += 1
+
+
+async def _microphone(mic: asyncio.Queue[bytes], paths: list[str], said: asyncio.Event) -> None:
+    """A microphone in real time: 0.5 s of silence, a recording, 2 s of silence; the next recording once
+    ``said`` is set (the previous answer came)."""
+    for path in paths:
+        pcm = float_to_pcm16(np.concatenate([np.zeros(8000, np.float32), read_wav(SPEECH / path).samples,
+                                             np.zeros(32000, np.float32)]))
+        for i in range(0, len(pcm), 640):
+            await mic.put(pcm[i:i + 640])
+            await asyncio.sleep(0.02)
+        await said.wait()
+        said.clear()
+    while True:  # silence, as a microphone in a quiet room
+        await mic.put(bytes(640))
+        await asyncio.sleep(0.02)
+
+
+async def test_live_microphone_moves_to_another_replica_with_its_conversation(engines) -> None:
+    """`stemme talk` without files (the microphone): when its replica drains, the live conversation goes on on
+    another one, which is told the earlier turn; the second answer plays too."""
+    a, b = ServerThread(engines, shutdown_grace_s=timeout(60)), ServerThread(engines)
+    said, events = asyncio.Event(), []
+    speaker, mic = FakeSpeaker(), asyncio.Queue(maxsize=200)
+
+    def say(ev: dict) -> None:
+        events.append(ev)
+        if ev["event"] == "reply":
+            said.set()
+
+    try:
+        async with ReconnectingClient(a.url, backoff=Backoff(first=0.05)) as rc:
+            feeder = asyncio.create_task(_microphone(mic, ["en/asterisk_tt-weasels.wav",
+                                                           "en/asterisk_conf-onlyperson.wav"], said))
+            talk = asyncio.create_task(live(rc, mic, speaker, say))
+            async with asyncio.timeout(timeout(120)):
+                while not any(e["event"] == "reply" for e in events):
+                    await asyncio.sleep(0.1)
+            first_audio = len(speaker.pcm)
+            rc.url = b.url
+            await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.drain(), a.loop)),
+                                   timeout(60))
+            async with asyncio.timeout(timeout(120)):
+                while sum(e["event"] == "reply" for e in events) < 2:
+                    await asyncio.sleep(0.1)
+            items = b.call(lambda: [it for sess in b.server.sessions for it in sess.core.items])
+            talk.cancel()
+            feeder.cancel()
+        kinds = [e["event"] for e in events]
+        assert kinds.count("reconnected") == 1 and "draining" in kinds, kinds
+        transcripts = [e["text"] for e in events if e["event"] == "transcript"]
+        assert "weasel" in transcripts[0].lower() and "conference" in transcripts[1].lower(), transcripts
+        assert first_audio > 0 and len(speaker.pcm) > first_audio  # both answers played
+        roles = [it.get("role") for it in items]
+        assert roles[:3] == ["user", "assistant", "user"] and rc.replayed == 2, roles
     finally:
         a.stop()
         b.stop()

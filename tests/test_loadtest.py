@@ -235,7 +235,7 @@ async def test_fake_talk_prints_attempts_and_reconnects_per_turn(tmp_path, capsy
     wav = tmp_path / "a.wav"
     write_wav(wav, Audio(SPEECH_S, 16000))
     args = argparse.Namespace(key=None, out=None, binary=False, language=None, voice=None, fast=False, verbose=False,
-                              files=[wav, wav, wav])
+                              files=[wav, wav, wav], reconnect_tries=10)
     async with _fake(FakePlan("drain", turns=1), FakePlan("serve")) as (fake, url):
         args.url = url
         code = await talk._talk_main(args)
