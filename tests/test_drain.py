@@ -160,18 +160,19 @@ class FakeSpeaker:
         self.clears += 1
 
 
-async def _microphone(mic: asyncio.Queue[bytes], paths: list[str], said: asyncio.Event) -> None:
-    """A microphone in real time: 0.5 s of silence, a recording, 2 s of silence; the next recording once
-    ``said`` is set (the previous answer came)."""
-    for path in paths:
+async def _microphone(mic: asyncio.Queue[bytes], paths: list[str], gates: list[asyncio.Event]) -> None:
+    """A microphone in real time: for each recording, 0.5 s of silence, the recording, 2 s of silence; the
+    recording after the first waits for its gate (the moment the user would speak again); silence between."""
+    for i, path in enumerate(paths):
+        while i and not gates[i - 1].is_set():
+            await mic.put(bytes(640))
+            await asyncio.sleep(0.02)
         pcm = float_to_pcm16(np.concatenate([np.zeros(8000, np.float32), read_wav(SPEECH / path).samples,
                                              np.zeros(32000, np.float32)]))
-        for i in range(0, len(pcm), 640):
-            await mic.put(pcm[i:i + 640])
+        for j in range(0, len(pcm), 640):
+            await mic.put(pcm[j:j + 640])
             await asyncio.sleep(0.02)
-        await said.wait()
-        said.clear()
-    while True:  # silence, as a microphone in a quiet room
+    while True:
         await mic.put(bytes(640))
         await asyncio.sleep(0.02)
 
@@ -180,18 +181,18 @@ async def test_live_microphone_moves_to_another_replica_with_its_conversation(en
     """`stemme talk` without files (the microphone): when its replica drains, the live conversation goes on on
     another one, which is told the earlier turn; the second answer plays too."""
     a, b = ServerThread(engines, shutdown_grace_s=timeout(60)), ServerThread(engines)
-    said, events = asyncio.Event(), []
+    moved, events = asyncio.Event(), []
     speaker, mic = FakeSpeaker(), asyncio.Queue(maxsize=200)
 
     def say(ev: dict) -> None:
         events.append(ev)
-        if ev["event"] == "reply":
-            said.set()
+        if ev["event"] == "reconnected":
+            moved.set()  # the user speaks again once the device is on the other replica
 
     try:
         async with ReconnectingClient(a.url, backoff=Backoff(first=0.05)) as rc:
             feeder = asyncio.create_task(_microphone(mic, ["en/asterisk_tt-weasels.wav",
-                                                           "en/asterisk_conf-onlyperson.wav"], said))
+                                                           "en/asterisk_conf-onlyperson.wav"], [moved]))
             talk = asyncio.create_task(live(rc, mic, speaker, say))
             async with asyncio.timeout(timeout(120)):
                 while not any(e["event"] == "reply" for e in events):

@@ -290,15 +290,18 @@ def test_a_transcription_nobody_waits_for_is_withdrawn(server, client, base_url)
     import socket
     from urllib.parse import urlsplit
 
-    long = _wav(resample(np.concatenate([read_wav(SPEECH / p).samples for p in REFERENCES] * 4), 16000,
-                         OUTPUT_RATE))
+    def upload(times: int) -> bytes:
+        return _wav(resample(np.concatenate([read_wav(SPEECH / p).samples for p in REFERENCES] * times), 16000,
+                             OUTPUT_RATE))
+
+    long, short = upload(8), upload(1)  # about 80 s, which keeps the recogniser busy, and 10 s
     asr = server.server.stages.asr
     before = asr.items
     first = threading.Thread(target=lambda: client.audio.transcriptions.create(model="whisper-1",
                                                                                file=("a.wav", long)))
     first.start()
     assert _poll(lambda: asr.items > before, 30)  # the first upload is being transcribed
-    req = httpx.Request("POST", base_url + "/audio/transcriptions", files={"file": ("b.wav", long)},
+    req = httpx.Request("POST", base_url + "/audio/transcriptions", files={"file": ("b.wav", short)},
                         data={"model": "whisper-1"}, headers={"Authorization": f"Bearer {KEY}"})
     body = req.read()
     head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() != "connection")
