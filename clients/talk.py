@@ -365,6 +365,13 @@ class ReconnectingClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._drop()
 
+    async def reconnect(self) -> None:
+        """Leave the current session and open a new one, told the conversation so far (``Refused`` when none
+        opens within the backoff's tries)."""
+        await self._drop()
+        await self._open()
+        self.reconnects += 1
+
     async def _drop(self) -> None:
         if self.client is not None:
             self.told_draining += self.client.draining
@@ -420,14 +427,12 @@ class ReconnectingClient:
             if self.gone:
                 return TurnResult(status="failed", reason=self.gone, attempts=attempt - 1, reconnects=reconnects)
             if self.client is None or self._leave or self.client.draining or self.client.closed:
-                await self._drop()
                 try:
-                    await self._open()
+                    await self.reconnect()
                 except Refused as e:
                     return TurnResult(status="failed", reason=e.reason, attempts=attempt - 1, reconnects=reconnects,
                                       refused=refused, drain_cancelled=drain_cancelled)
                 reconnects += 1
-                self.reconnects += 1
             c = self.client
             assert c is not None
             r = await c.talk(samples, realtime=realtime, timeout=timeout, on_event=on_event)
@@ -513,13 +518,11 @@ async def live(rc: ReconnectingClient, mic: asyncio.Queue[bytes], speaker: Speak
         if code not in RETRY_CLOSE_CODES:
             say({"event": "closed", "code": code})
             return 0 if code == 1000 else 1
-        await rc._drop()
         try:
-            await rc._open()
+            await rc.reconnect()
         except Refused as e:
             say({"event": "gone", "reason": e.reason})
             return 1
-        rc.reconnects += 1
         say({"event": "reconnected", "sessions": rc.sessions, "replayed": rc.replayed})
 
 

@@ -31,6 +31,11 @@ STORY: list[dict[str, Any]] = [
     {"type": "response.create"}]
 
 
+def _drain(s: ServerThread) -> asyncio.Future:
+    """Start ``s``'s drain on its own loop; the future ends when the drain has."""
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
+
+
 async def _next(ws: ClientConnection, etype: str, seen: list[str] | None = None, seconds: float = 120) -> dict:
     """The next event of type ``etype`` (binary frames skipped); every type on the way into ``seen``."""
     async with asyncio.timeout(timeout(seconds)):
@@ -78,7 +83,7 @@ async def test_drain_in_process(engines) -> None:
                 await a.send(json.dumps(ev))
             a_seen: list[str] = []
             await _next(a, "response.output_audio.delta", a_seen)  # A's answer is being spoken
-            drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
+            drain = _drain(s)
             for ws in (a, b, d):
                 ev = await _next(ws, "stemme.draining", a_seen if ws is a else None, 10)
                 assert ev["grace_ms"] == int(timeout(120) * 1000) and ev["event_id"]
@@ -131,8 +136,7 @@ async def test_a_device_moves_to_another_replica_with_its_conversation(engines) 
             first = await rc.talk(read_wav(SPEECH / "en/asterisk_tt-weasels.wav").samples, timeout=timeout(120))
             assert first.status == "completed" and "weasel" in first.transcript.lower(), first
             rc.url = b.url
-            await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.drain(), a.loop)),
-                                   timeout(60))
+            await asyncio.wait_for(_drain(a), timeout(60))
             second = await rc.talk(read_wav(SPEECH / "en/asterisk_conf-onlyperson.wav").samples,
                                    timeout=timeout(120))
             assert second.status == "completed" and second.reconnects == 1, second
@@ -199,8 +203,7 @@ async def test_live_microphone_moves_to_another_replica_with_its_conversation(en
                     await asyncio.sleep(0.1)
             first_audio = len(speaker.pcm)
             rc.url = b.url
-            await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.drain(), a.loop)),
-                                   timeout(60))
+            await asyncio.wait_for(_drain(a), timeout(60))
             async with asyncio.timeout(timeout(120)):
                 while sum(e["event"] == "reply" for e in events) < 2:
                     await asyncio.sleep(0.1)
@@ -227,7 +230,7 @@ async def test_drain_deadline_cancels_the_response(engines) -> None:
             for ev in STORY:
                 await a.send(json.dumps(ev))
             await _next(a, "response.created")
-            drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(), s.loop))
+            drain = _drain(s)
             seen: list[str] = []
             done = await _next(a, "response.done", seen, 60)
             assert done["response"]["status"] == "cancelled", done

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -100,9 +101,8 @@ class MicroBatcher(Generic[T, R]):
             raise
 
     def _withdraw(self, job: _Job[T]) -> None:
-        with self._cond:
-            if job in self._queue:
-                self._queue.remove(job)
+        with self._cond, contextlib.suppress(ValueError):  # ValueError: a worker has taken it
+            self._queue.remove(job)
         job.future.cancel()
 
     def shutdown(self) -> None:
