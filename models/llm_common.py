@@ -48,6 +48,8 @@ class ChatTokenizer:
         ids = _token_ids(self.tok.apply_chat_template(_template_messages(messages, options),
                                                       tools=tools,  # type: ignore[arg-type]
                                                       add_generation_prompt=True, tokenize=True))
+        if forced := forced_call_start(options):
+            ids += self.tok.encode(forced, add_special_tokens=False)
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens; at most {self.max_prompt_tokens} are "
                                      "accepted (shorten the instructions or the conversation)")
@@ -93,9 +95,48 @@ def template_tools(options: GenerationOptions | None) -> list[dict[str, Any]] | 
     return options.tools
 
 
+def forced_call_start(options: GenerationOptions | None) -> str:
+    """The start of the answer that a required or named ``tool_choice`` writes for the model, in its chat
+    template's call format (Qwen2.5, Hermes: ``<tool_call>{"name": …, "arguments": …}</tool_call>``): the prompt
+    ends with it, so the model can only go on with a call; named, with that function's arguments. The engine
+    yields it as the answer's first piece (see ToolCallExtractor). "" when the choice leaves the model free."""
+    if options is None or not options.tools:
+        return ""
+    choice = options.tool_choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if name:
+        return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {{'
+    return '<tool_call>\n{"name": "' if choice == "required" else ""
+
+
+def called_names(options: GenerationOptions | None) -> list[str]:
+    """The names a ``required`` tool_choice lets the model call (the answer's start stops at the name)."""
+    if options is None or not options.tools or options.tool_choice != "required":
+        return []
+    return [n for t in options.tools if isinstance(n := (t.get("function") or {}).get("name"), str)]
+
+
+class NameConstraint:
+    """Keeps a forced call's name to a declared function: while the model writes the name, only tokens that
+    continue one of the names (as this tokenizer writes ``name"``) are allowed. Engines that pick each token
+    themselves apply it (ONNX Runtime, transformers); elsewhere the model's own choice stands."""
+
+    def __init__(self, tokenizer: ChatTokenizer, names: list[str]) -> None:
+        self.spellings = [tokenizer.tok.encode(f'{n}"', add_special_tokens=False) for n in names]
+
+    def allowed(self, generated: list[int]) -> set[int] | None:
+        """The tokens allowed next; None once a name is complete (or none fits: the model is free)."""
+        k = len(generated)
+        if any(len(s) <= k and s == generated[: len(s)] for s in self.spellings):
+            return None
+        nxt = {s[k] for s in self.spellings if len(s) > k and s[:k] == generated}
+        return nxt or None
+
+
 def _template_messages(messages: list[dict[str, Any]], options: GenerationOptions | None) -> list[dict[str, Any]]:
     """Chat-completions messages as chat templates expect them: call arguments as objects, not JSON text; a
-    required or named tool_choice becomes an instruction (an embedded model cannot be constrained)."""
+    required or named tool_choice is also said in the instructions (the answer's start forces it, see
+    ``forced_call_start``)."""
     out = []
     for m in messages:
         if m.get("tool_calls"):
@@ -138,6 +179,14 @@ class Row:
         self.last = 0
         self.generated = 0
         self.done = False
+        self.forced = forced_call_start(options)
+        """The answer's start that the prompt already holds (a forced function call): the first piece."""
+        self.names: NameConstraint | None = None
+        """Set by the decoder for a ``required`` call: the name must be a declared function's."""
+
+    def allowed(self) -> set[int] | None:
+        """The tokens this row may pick next (None: any)."""
+        return self.names.allowed(self.generated_ids) if self.names is not None else None
 
 
 class BatchDecoderBase:
@@ -171,6 +220,8 @@ class BatchDecoderBase:
         row = Row(self.tokenizer.encode_chat(messages, options), options, self.tokenizer.decode)
         if options.shared_prefix and not options.tools:
             row.shared = self.tokenizer.encode_prefix(messages[: options.shared_prefix], row.prompt)
+        if names := called_names(options):
+            row.names = NameConstraint(self.tokenizer, names)
         self.rows.append(row)
         self._new.append(row)
         return row
@@ -190,10 +241,11 @@ class BatchDecoderBase:
         row.generated += 1
         row.generated_ids.append(tok)
         row.last = tok
+        forced = row.forced if row.generated == 1 else ""
         if tok in self.tokenizer.eos:
             row.done = True
-            return "", True
-        piece = row.decoder.push(tok)
+            return forced, True
+        piece = forced + row.decoder.push(tok)
         row.done = row.generated >= row.options.max_new_tokens
         return piece, row.done
 
@@ -338,10 +390,16 @@ class PrefixCache:
                 self._bytes -= old[2]
 
 
-def greedy_or_sample(logits, options: GenerationOptions, rng) -> int:  # noqa: ANN001
-    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling."""
+def greedy_or_sample(logits, options: GenerationOptions, rng, allowed: set[int] | None = None) -> int:  # noqa: ANN001
+    """Pick the next token from one row's logits (numpy): greedy at temperature 0, else softmax sampling; only
+    among ``allowed`` when given (NameConstraint)."""
     import numpy as np
 
+    if allowed:
+        keep = np.fromiter(allowed, np.int64)
+        masked = np.full_like(logits, -np.inf)
+        masked[keep] = logits[keep]
+        logits = masked
     if options.temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / options.temperature

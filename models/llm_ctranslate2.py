@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stemme.models.llm_common import ChatTokenizer
+from stemme.models.llm_common import ChatTokenizer, forced_call_start
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 from stemme.errors import ModelLoadError
@@ -46,6 +46,8 @@ class CTranslate2Chat:
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
+        if forced := forced_call_start(options):
+            yield forced  # the prompt ends with it
         tokens = self.tokenizer.tok.convert_ids_to_tokens(ids)
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock:

@@ -113,7 +113,7 @@ class OnnxBatchDecoder(BatchDecoderBase):
         if cache is not None and row.shared and m < row.shared:
             cache.store_shared(row.prompt[: row.shared], [(k[:, :, : row.shared].copy(), v[:, :, : row.shared].copy())
                                                           for k, v in row.kv])
-        return greedy_or_sample(logits[0], row.options, self.chat._rng)
+        return greedy_or_sample(logits[0], row.options, self.chat._rng, row.allowed())
 
     def _cached_start(self, row: Row) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
         """How many prompt tokens are cached already, and their keys/values: the conversation's own cache
@@ -174,4 +174,4 @@ class OnnxBatchDecoder(BatchDecoderBase):
             mask[i, : r.length + 1] = 1
         ids = np.array([[r.last] for r in rows])
         logits, self._kv = self.chat.run(ids, mask, self._kv)
-        return [greedy_or_sample(logits[i], r.options, self.chat._rng) for i, r in enumerate(rows)]
+        return [greedy_or_sample(logits[i], r.options, self.chat._rng, r.allowed()) for i, r in enumerate(rows)]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stemme.models.llm_common import ChatTokenizer
+from stemme.models.llm_common import ChatTokenizer, forced_call_start
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 from stemme.errors import ModelLoadError
@@ -48,6 +48,8 @@ class OrtGenaiChat:
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
+        if forced := forced_call_start(options):
+            yield forced  # the prompt ends with it
         og = self.og
         with self._lock:
             params = og.GeneratorParams(self.model)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row
+from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row, forced_call_start
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 from stemme.errors import ModelLoadError
@@ -55,9 +55,13 @@ class TransformersChat:
         out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache}, **kw)
         return out.logits[:, -1], getattr(out, "cache", None) or out.past_key_values
 
-    def pick(self, logits, options: GenerationOptions) -> int:  # noqa: ANN001
-        """The next token from one row's logits: greedy at temperature 0, else softmax sampling."""
+    def pick(self, logits, options: GenerationOptions, allowed: set[int] | None = None) -> int:  # noqa: ANN001
+        """The next token from one row's logits: greedy at temperature 0, else softmax sampling; only among
+        ``allowed`` when given (NameConstraint)."""
         torch = self.torch
+        if allowed:
+            keep = torch.tensor(sorted(allowed), device=logits.device)
+            logits = torch.full_like(logits, float("-inf")).index_copy(0, keep, logits[keep])
         if options.temperature > 0:
             probs = torch.softmax(logits.float() / options.temperature, dim=-1)
             return int(torch.multinomial(probs, 1))
@@ -68,6 +72,8 @@ class TransformersChat:
         torch = self.torch
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
+        if forced := forced_call_start(options):
+            yield forced  # the prompt ends with it
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock, torch.inference_mode():
             x = torch.tensor([ids], device=self.device)
@@ -107,7 +113,7 @@ class BatchDecoder(BatchDecoderBase):
         """The batch's attention mask (a torch tensor), None between batches."""
 
     def _pick(self, logits, rows: list[Row]) -> list[int]:  # noqa: ANN001
-        return [self.chat.pick(logits[i], row.options) for i, row in enumerate(rows)]
+        return [self.chat.pick(logits[i], row.options, row.allowed()) for i, row in enumerate(rows)]
 
     def _prefill(self, row: Row) -> int:
         torch = self.chat.torch

@@ -209,6 +209,80 @@ async def test_sdk_tool_calls_in_eight_languages(server, record_property) -> Non
     assert sum(hits.values()) >= 6, hits
 
 
+TIMER = {"type": "function", "name": "set_timer", "description": "Start a timer",
+         "parameters": {"type": "object", "properties": {"minutes": {"type": "number"}}, "required": ["minutes"]}}
+
+
+def _answer(engines, text: str, choice: str | dict[str, Any]) -> list[str | ToolCall]:
+    """The embedded model's answer through the pipeline (scheduler, extractor, guard), text out."""
+    from stemme.streaming.tools import chat_tool_choice, chat_tools
+    from stemme.voice.llm import TOOLS_INSTRUCTIONS
+
+    conv = Conversation(instructions=TOOLS_INSTRUCTIONS, fewshot=False)
+    conv.add("user", text)
+
+    async def run() -> list[str | ToolCall]:
+        stages = Stages()
+        out: list[str | ToolCall] = []
+        try:
+            async for p in respond(engines, stages, conv.messages("en"), voice=None, max_tokens=60,
+                                   cancel=threading.Event(), marks=TurnMarks(), tools=chat_tools([WEATHER, TIMER]),
+                                   tool_choice=chat_tool_choice(choice)):
+                out.append(p.text if isinstance(p, TextPiece) else p)  # type: ignore[arg-type]
+        finally:
+            stages.shutdown()
+        return out
+
+    return asyncio.run(run())
+
+
+def _calls(out: list[str | ToolCall]) -> list[ToolCall]:
+    return [p for p in out if isinstance(p, ToolCall)]
+
+
+def test_a_named_tool_choice_makes_the_embedded_model_call_that_function(engines) -> None:
+    """The answer starts with the call (the prompt ends with its opening): left free, the model calls
+    get_weather for a weather question; told to call set_timer, it calls set_timer with object arguments."""
+    free = _calls(_answer(engines, "What's the weather in Paris?", "auto"))
+    assert [c.name for c in free] == ["get_weather"], free
+    named = _answer(engines, "What's the weather in Paris?", {"type": "function", "name": "set_timer"})
+    calls = _calls(named)
+    assert len(calls) == 1 and calls[0].name == "set_timer", named
+    assert isinstance(json.loads(calls[0].arguments), dict), calls[0].arguments
+    assert not any(isinstance(p, str) and "tool_call" in p for p in named), named  # no tag spoken
+
+
+def test_required_tool_choice_makes_the_embedded_model_call_a_declared_function(engines) -> None:
+    """Asked for a joke, the model answers in words when free; with tool_choice required it must call, and the
+    name can only be one of the declared functions (the decoder allows no other)."""
+    free = _answer(engines, "Tell me a joke.", "auto")
+    assert not _calls(free) and "".join(p for p in free if isinstance(p, str)).strip(), free
+    required = _answer(engines, "Tell me a joke.", "required")
+    calls = _calls(required)
+    assert len(calls) == 1 and calls[0].name in ("get_weather", "set_timer"), required
+    assert isinstance(json.loads(calls[0].arguments), dict), calls[0].arguments
+    timer = _calls(_answer(engines, "Set a timer for ten minutes.", "required"))
+    assert [c.name for c in timer] == ["set_timer"] and json.loads(timer[0].arguments).get("minutes") == 10, timer
+
+
+async def test_sdk_response_with_a_named_tool_choice(server) -> None:
+    """Through the official SDK: a response.create naming a function yields a call of that function."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="unused", websocket_base_url=f"{server.url}/v1")
+    async with client.realtime.connect(model="stemme") as conn:
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "tools": [WEATHER, TIMER], "audio": {"input": {"turn_detection": None}}})
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": QUESTIONS["en"]}]})
+        await conn.response.create(response={"tool_choice": {"type": "function", "name": "set_timer"}})
+        seen: list = []
+        resp = await _until_done(conn, seen)
+        done = [e for e in seen if e.type == "response.function_call_arguments.done"]
+        assert resp.status == "completed" and [d.name for d in done] == ["set_timer"], [e.type for e in seen]
+        assert isinstance(json.loads(done[0].arguments), dict)
+
+
 def test_echo_guard_waits_for_whole_words() -> None:
     guard = EchoGuard("Ich habe heute meinen Schlüssel verloren.")
     assert guard.check("Ich habe heute meine Schlüssel ver") is None  # "ver…" is not a word yet
