@@ -55,6 +55,29 @@ def test_extractor_keeps_malformed_calls_as_text_and_passes_plain_text() -> None
     assert all(isinstance(o, str) for o in out) and "".join(map(str, out)) == "<tool_call>{not json}</tool_call>a < b"
 
 
+def test_forced_call_start_and_name_constraint() -> None:
+    """What a required or named tool_choice writes for the embedded model, and the names it allows (a fake
+    tokenizer: one token per character)."""
+    from types import SimpleNamespace
+
+    from stemme.models.llm_common import NameConstraint, forced_call_start
+
+    tools = [{"type": "function", "function": {"name": n}} for n in ("get_weather", "get_time")]
+    named = GenerationOptions(tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert forced_call_start(named) == '<tool_call>\n{"name": "get_time", "arguments": {'
+    assert forced_call_start(GenerationOptions(tools=tools, tool_choice="required")) == '<tool_call>\n{"name": "'
+    assert forced_call_start(GenerationOptions(tools=tools, tool_choice="auto")) == ""
+    assert forced_call_start(GenerationOptions(tool_choice="required")) == ""  # no tools, nothing to call
+
+    fake = SimpleNamespace(tok=SimpleNamespace(encode=lambda text, add_special_tokens=False: [ord(c) for c in text]))
+    names = NameConstraint(fake, ["get_weather", "get_time"])  # type: ignore[arg-type]
+    ids = [ord(c) for c in 'get_time"']
+    assert names.allowed([]) == {ord("g")}
+    assert names.allowed(ids[:4]) == {ord("w"), ord("t")}
+    assert names.allowed(ids[:8]) == {ord('"')}
+    assert names.allowed(ids) is None  # a whole name: the arguments are free
+
+
 def test_protocol_checks_tools_and_choice() -> None:
     assert parse_tools([WEATHER])[0]["name"] == "get_weather"
     for bad in ([{"type": "function", "name": "bad name"}], [WEATHER, WEATHER], "x",
