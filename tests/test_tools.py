@@ -288,6 +288,54 @@ def test_required_tool_choice_makes_the_embedded_model_call_a_declared_function(
     assert [c.name for c in timer] == ["set_timer"] and json.loads(timer[0].arguments).get("minutes") == 10, timer
 
 
+class FakeInventingChat:
+    """A fake chat engine (logic test): offered tools, it calls ``invented`` (a function nobody declared, as
+    the 0.5B did when told to call one) or, when told to, get_weather; without tools it answers in words."""
+
+    name, device = "fake", "cpu"
+
+    def __init__(self, call: str = "invented") -> None:
+        self.call = call
+        self.choices: list[Any] = []
+
+    def stream(self, messages: Any, options: GenerationOptions, cancel: Any = None) -> Any:
+        self.choices.append(options.tool_choice)
+        if options.tools and options.tool_choice != "none":
+            yield f'<tool_call>\n{{"name": "{self.call}", "arguments": {{}}}}\n</tool_call>'
+        else:
+            yield "Why did the tomato blush? It saw the salad dressing."
+
+
+@pytest.mark.parametrize("call", ["invented", "get_weather"])
+def test_a_call_of_an_undeclared_function_never_reaches_the_client(call: str) -> None:
+    from types import SimpleNamespace
+
+    from stemme.streaming.tools import chat_tools
+    from stemme.voice.pipeline import guarded_pieces
+
+    chat = FakeInventingChat(call)
+    conv = Conversation(fewshot=False)
+    conv.add("user", "Tell me a joke.")
+    marks = TurnMarks()
+
+    async def run() -> list[Any]:
+        stages = Stages()
+        try:
+            return [p async for p in guarded_pieces(SimpleNamespace(llm=chat), stages,  # type: ignore[arg-type]
+                                                    conv.messages("en"),
+                                                    GenerationOptions(tools=chat_tools([WEATHER]), tool_choice="auto"),
+                                                    threading.Event(), marks, "en")]
+        finally:
+            stages.shutdown()
+
+    out = asyncio.run(run())
+    if call == "invented":
+        assert "".join(out).startswith("Why did the tomato") and chat.choices == ["auto", "none"], out
+        assert marks.extra.get("undeclared_call") and "echo_guard" not in marks.extra
+    else:
+        assert [type(p) for p in out] == [ToolCall] and out[0].name == "get_weather" and chat.choices == ["auto"]
+
+
 async def test_sdk_response_with_a_named_tool_choice(server) -> None:
     """Through the official SDK: a response.create naming a function yields a call of that function."""
     from openai import AsyncOpenAI

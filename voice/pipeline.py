@@ -523,23 +523,40 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
     """The answer's pieces, with function calls separated from the words (ToolCallExtractor) and the echo
     guard in front: the first words are held until the guard can judge them, and an answer that copies the
     user's words is dropped before anything is spoken. Then a steered answer is generated; if that one echoes
-    too, a short acknowledgement in the user's language is spoken instead (``marks.extra["echo_guard"]``)."""
-    retry = replace(options, temperature=max(options.temperature, 0.3))
-    for outcome, msgs, opts in (("regenerated", messages, options), ("acknowledged", steered(messages), retry)):
-        echoed = False
+    too, a short acknowledgement in the user's language is spoken instead (``marks.extra["echo_guard"]``). A
+    call of a function the client did not declare is dropped, and the attempt made again without tools
+    (``marks.extra["undeclared_call"]``)."""
+    attempts = [("regenerated", messages, False), ("acknowledged", steered(messages), True)]
+    while attempts:
+        outcome, msgs, warmer = attempts[0]
+        opts = replace(options, temperature=max(options.temperature, 0.3)) if warmer else options
+        verdict = None
         async for p in _judged(engines, stages, msgs, opts, cancel, marks):
-            if p is _ECHO:
-                echoed = True
+            if p is _ECHO or p is _UNDECLARED:
+                verdict = p
                 break
             yield cast("str | ToolCall", p)
-        if not echoed or cancel.is_set():
+        if verdict is None or cancel.is_set():
             return
-        marks.extra["echo_guard"] = outcome
+        if verdict is _UNDECLARED and options.tool_choice != "none":
+            marks.extra["undeclared_call"] = True
+            options = replace(options, tool_choice="none")  # the same attempt again, in words
+            continue
+        if verdict is _ECHO:
+            marks.extra["echo_guard"] = outcome
+        attempts.pop(0)
     yield ACKNOWLEDGE.get(language or "", ACKNOWLEDGE["en"])
 
 
 _ECHO = object()
 """Sent by _judged instead of the answer's words when they copy the user's."""
+_UNDECLARED = object()
+"""Sent by _judged when the model calls a function the client did not declare (a small model may invent one):
+nothing of it reaches the client, and the answer is generated again without tools."""
+
+
+def _declared(call: ToolCall, options: GenerationOptions) -> bool:
+    return any((t.get("function") or {}).get("name") == call.name for t in options.tools or ())
 
 
 async def _judged(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
@@ -551,6 +568,10 @@ async def _judged(engines: Engines, stages: Stages, messages: list[dict[str, Any
     try:
         async for p in attempt:
             if cancel.is_set():
+                return
+            if isinstance(p, ToolCall) and not _declared(p, options):
+                logger.warning("the model called an undeclared function; answering without tools")
+                yield _UNDECLARED
                 return
             if isinstance(p, ToolCall) or not guard.active:
                 yield p
