@@ -1,7 +1,8 @@
 """The OpenAI REST endpoints through the official openai SDK, one request at a time: median and p95 of
 
   speech_first   request sent -> first audio byte of /v1/audio/speech (streamed WAV, after its 44-byte header),
-                 for two-sentence texts (tests/data/sentences.json): the first sentence is sent when it is made
+                 for two-sentence texts (tests/data/sentences.json): the first clause (a few words) is sent when
+                 it is made
   speech_total   request sent -> last byte
   speech_rtf     speech_total / seconds of audio made
   transcribe     upload sent -> transcript of /v1/audio/transcriptions (real recordings, tests/data/speech)

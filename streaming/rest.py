@@ -36,8 +36,8 @@ from stemme.voice import languages
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler
 from stemme.voice.llm import GenerationOptions, ToolCall, ToolCallExtractor
-from stemme.voice.pipeline import llm_pieces, transcribe
-from stemme.voice.tts import Voice, clean_for_speech, split_clauses
+from stemme.voice.pipeline import clauses_of, llm_pieces, transcribe
+from stemme.voice.tts import Voice, clean_for_speech
 
 from stemme.errors import PromptTooLongError, StemmeError
 
@@ -638,11 +638,12 @@ class RestApi:
         return voice
 
     async def _speak(self, text: str, voice: Voice, speed: float, fmt: str) -> AsyncIterator[bytes]:
-        """Clause by clause on the TTS stage: the first clause's audio leaves before the next is made."""
+        """Clause by clause on the TTS stage: the first clause's audio leaves before the next is made, and the
+        first clause is a few words (clauses_of), as in the WebSocket's answers."""
         encoder = await asyncio.to_thread(AudioEncoder, fmt)
         head = encoder.header()
         try:
-            for clause in split_clauses(text):
+            for clause in clauses_of(text):
                 if not clean_for_speech(clause):
                     continue
                 pcm = await self.server.stages.tts((self.engines, clause, voice, speed))

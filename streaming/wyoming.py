@@ -37,7 +37,17 @@ from stemme.voice import languages
 from stemme.voice.asr import AsrOptions
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler, pcm16_to_float
 from stemme.voice.llm import Conversation
-from stemme.voice.pipeline import ClauseChunker, Stages, TextPiece, TurnMarks, respond, stages_for, transcribe
+from stemme.voice.pipeline import (
+    ClauseChunker,
+    Stages,
+    TextPiece,
+    TurnMarks,
+    clauses_of,
+    pushed,
+    respond,
+    stages_for,
+    transcribe,
+)
 from stemme.voice.tts import Voice, clean_for_speech, split_clauses
 from wyoming.asr import Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -669,18 +679,6 @@ class Connection:
         if LOG_CONTENT:
             logger.info("wyoming=%s reply (%s): %s", self.id, language, reply)
         return reply
-
-
-def pushed(chunker: ClauseChunker, text: str) -> list[str]:
-    """The clauses a text completes, fed word by word as a language model writes (the WebSocket's path), so that
-    the first clause is cut after a few words even when the whole text comes at once."""
-    return [c for word in re.findall(r"\S+\s*|\s+", text) for c in chunker.push(word)]
-
-
-def clauses_of(text: str) -> list[str]:
-    """Clauses to speak one by one, the first one short so that the first audio comes soon."""
-    chunker = ClauseChunker()
-    return pushed(chunker, text) + chunker.flush()
 
 
 def _voice_data(data: dict[str, Any]) -> dict[str, Any]:

@@ -434,6 +434,19 @@ class ClauseChunker:
         return [clause] if clause else []
 
 
+def pushed(chunker: ClauseChunker, text: str) -> list[str]:
+    """The clauses a text completes, fed word by word as a language model writes (the WebSocket's path), so that
+    the first clause is cut after a few words even when the whole text comes at once."""
+    return [c for word in re.findall(r"\S+\s*|\s+", text) for c in chunker.push(word)]
+
+
+def clauses_of(text: str) -> list[str]:
+    """A whole text's clauses to speak one by one (Wyoming's synthesize, REST speech), cut as the WebSocket's
+    answers are: the first one short, so that the first audio comes soon."""
+    chunker = ClauseChunker()
+    return pushed(chunker, text) + chunker.flush()
+
+
 @dataclass
 class TurnMarks:
     """perf_counter() times of one turn; ``report()`` gives milliseconds."""
