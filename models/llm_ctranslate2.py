@@ -46,8 +46,7 @@ class CTranslate2Chat:
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
-        if forced := forced_call_start(options):
-            yield forced  # the prompt ends with it
+        forced = forced_call_start(options)  # the prompt ends with it: it comes with the first token
         tokens = self.tokenizer.tok.convert_ids_to_tokens(ids)
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock:
@@ -60,9 +59,12 @@ class CTranslate2Chat:
                     if cancel is not None and cancel.is_set():
                         return
                     if step.token_id in self.tokenizer.eos:
+                        if forced:
+                            yield forced
                         return
                     piece = dec.push(step.token_id)
-                    if piece:
-                        yield piece
+                    if piece or forced:
+                        yield forced + piece
+                        forced = ""
             finally:
                 steps.close()

@@ -48,8 +48,7 @@ class OrtGenaiChat:
                cancel: threading.Event | None = None) -> Iterator[str]:
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
-        if forced := forced_call_start(options):
-            yield forced  # the prompt ends with it
+        forced = forced_call_start(options)  # the prompt ends with it: it comes with the first token
         og = self.og
         with self._lock:
             params = og.GeneratorParams(self.model)
@@ -69,9 +68,12 @@ class OrtGenaiChat:
                     gen.generate_next_token()
                     tok = int(gen.get_next_tokens()[0])
                     if tok in self.tokenizer.eos:
+                        if forced:
+                            yield forced
                         return
                     piece = dec.push(tok)
-                    if piece:
-                        yield piece
+                    if piece or forced:
+                        yield forced + piece
+                        forced = ""
             finally:
                 del gen

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stemme.models.llm_common import BatchDecoderBase, ChatTokenizer, Row, forced_call_start
+from stemme.models.llm_common import (
+    BatchDecoderBase,
+    ChatTokenizer,
+    NameConstraint,
+    Row,
+    called_names,
+    forced_call_start,
+)
 from stemme.voice.llm import GenerationOptions, IncrementalDecoder
 
 from stemme.errors import ModelLoadError
@@ -72,8 +79,8 @@ class TransformersChat:
         torch = self.torch
         o = options or GenerationOptions()
         ids = self.tokenizer.encode_chat(messages, options)
-        if forced := forced_call_start(options):
-            yield forced  # the prompt ends with it
+        forced = forced_call_start(options)  # the prompt ends with it: it comes with the first token
+        names = NameConstraint(self.tokenizer, called) if (called := called_names(options)) else None
         dec = IncrementalDecoder(self.tokenizer.decode)
         with self._lock, torch.inference_mode():
             x = torch.tensor([ids], device=self.device)
@@ -82,12 +89,15 @@ class TransformersChat:
                 if cancel is not None and cancel.is_set():
                     return
                 logits, past = self.forward(x, past)
-                tok = self.pick(logits[0], o)
+                tok = self.pick(logits[0], o, names.allowed(dec.ids) if names else None)
                 if tok in self.tokenizer.eos:
+                    if forced:
+                        yield forced
                     return
                 piece = dec.push(tok)
-                if piece:
-                    yield piece
+                if piece or forced:
+                    yield forced + piece
+                    forced = ""
                 x = torch.tensor([[tok]], device=self.device)
 
     # ---- batched streams: many sessions' answers decoded in one forward pass per token ----

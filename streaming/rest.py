@@ -36,7 +36,7 @@ from stemme.voice import languages
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler
 from stemme.voice.llm import GenerationOptions, ToolCall, ToolCallExtractor
-from stemme.voice.pipeline import clauses_of, llm_pieces, transcribe
+from stemme.voice.pipeline import clauses_of, llm_pieces, offered_functions, transcribe
 from stemme.voice.tts import Voice, clean_for_speech
 
 from stemme.errors import PromptTooLongError, StemmeError
@@ -426,11 +426,27 @@ def generation_options(body: dict[str, Any], opts: RestOptions) -> GenerationOpt
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ApiError(400, "'tools' must be a list of objects", param="tools", code="invalid_type")
-    choice = body.get("tool_choice")
-    if choice is not None and not isinstance(choice, (str, dict)):
-        raise ApiError(400, "'tool_choice' must be a string or an object", param="tool_choice", code="invalid_type")
+    choice = _chat_tool_choice(body.get("tool_choice"), tools or [])
     return GenerationOptions(max_new_tokens=max_tokens, tools=tools or None, tool_choice=choice,
                              temperature=0.0 if temperature is None else _number(temperature, "temperature", 0, 2))
+
+
+def _chat_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> str | dict[str, Any] | None:
+    """``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name": …}}`` naming one of the
+    request's tools, as OpenAI checks it (a call is forced on the embedded model, so it must be one offered)."""
+    if choice is None or choice in ("auto", "none"):
+        return choice
+    names = {f.get("name") for t in tools if isinstance(f := t.get("function"), dict)}
+    if choice == "required":
+        if not tools:
+            raise ApiError(400, "'tool_choice' required needs 'tools'", param="tool_choice", code="invalid_value")
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or name not in names:
+        raise ApiError(400, "'tool_choice' must be auto, none, required or {'type': 'function', 'function': "
+                       "{'name': …}} naming one of 'tools'", param="tool_choice", code="invalid_value")
+    return {"type": "function", "function": {"name": name}}
 
 
 def _tool_call(call: ToolCall, index: int) -> dict[str, Any]:
@@ -681,15 +697,21 @@ class RestApi:
 
     async def _pieces(self, messages: list[dict[str, Any]], options: GenerationOptions,
                       cancel: threading.Event) -> AsyncGenerator[str | ToolCall, None]:
-        """The answer's text pieces and function calls, generated on the shared LLM scheduler."""
+        """The answer's text pieces and function calls, generated on the shared LLM scheduler. A call of a
+        function the request did not offer (a small model may invent one) is dropped, never returned."""
         extractor = ToolCallExtractor(bare_json=bool(options.tools) and options.tool_choice != "none")
         source = llm_pieces(self.engines, self.server.stages, messages, options, cancel)
+        offered = offered_functions(options)
         try:
             async for p in source:
                 for out in extractor.push(p):
+                    if isinstance(out, ToolCall) and out.name not in offered:
+                        logger.warning("the model called a function it was not offered; dropped")
+                        continue
                     yield out
             for out in extractor.flush():
-                yield out
+                if not (isinstance(out, ToolCall) and out.name not in offered):
+                    yield out
         finally:
             await source.aclose()
 

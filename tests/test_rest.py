@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 
@@ -248,6 +249,33 @@ def test_bad_chat_requests(client, base_url):
     r = _post(base_url, "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                    "max_tokens": 10**6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TIMER = {"type": "function", "function": {
+    "name": "set_timer", "description": "Start a timer",
+    "parameters": {"type": "object", "properties": {"minutes": {"type": "number"}}, "required": ["minutes"]}}}
+
+
+def test_chat_tool_choice(client, base_url):
+    """A named tool_choice is a call of that function (forced on the embedded model); one that names no offered
+    tool, or is malformed, is a 400 as OpenAI answers it, not a call of a function the client never declared."""
+    r = client.chat.completions.create(model="stemme", max_tokens=40, tools=[WEATHER, TIMER],
+                                       tool_choice={"type": "function", "function": {"name": "set_timer"}},
+                                       messages=[{"role": "user", "content": "What's the weather in Paris?"}])
+    calls = r.choices[0].message.tool_calls
+    assert calls and [c.function.name for c in calls] == ["set_timer"], r.choices[0].message
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+    for choice in ({"type": "function", "function": {"name": "get_time"}}, {"type": "function", "function": None},
+                   {"function": "set_timer"}, "sometimes", 7):
+        r = _post(base_url, "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "tools": [WEATHER], "tool_choice": choice})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", (choice, r.text)
+    r = _post(base_url, "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                   "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
 def test_event_loop_free_during_long_transcription(server, client, base_url):

@@ -78,6 +78,29 @@ def test_forced_call_start_and_name_constraint() -> None:
     assert names.allowed(ids) is None  # a whole name: the arguments are free
 
 
+def test_the_forced_start_is_the_first_piece_once() -> None:
+    """The batch decoders' rows give the forced start with their first token, also when that token ends the
+    answer (fake tokenizer and decoder: token i is the letter i)."""
+    from types import SimpleNamespace
+
+    from stemme.models.llm_common import BatchDecoderBase, Row
+
+    opts = GenerationOptions(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+                             max_new_tokens=5)
+    decoder = BatchDecoderBase(SimpleNamespace(eos={0}), 1, threading.RLock())  # type: ignore[arg-type]
+
+    def letters(ids: list[int]) -> str:
+        return "".join(chr(96 + i) for i in ids)
+
+    row = Row([1, 2], opts, letters)
+    assert decoder._emit(row, 6) == ('<tool_call>\n{"name": "f', False)
+    assert decoder._emit(row, 7) == ("g", False)
+    ended = Row([1], opts, letters)
+    assert decoder._emit(ended, 0) == ('<tool_call>\n{"name": "', True)
+    free = Row([1], GenerationOptions(max_new_tokens=5), letters)
+    assert decoder._emit(free, 6) == ("f", False)
+
+
 def test_protocol_checks_tools_and_choice() -> None:
     assert parse_tools([WEATHER])[0]["name"] == "get_weather"
     for bad in ([{"type": "function", "name": "bad name"}], [WEATHER, WEATHER], "x",
@@ -289,51 +312,73 @@ def test_required_tool_choice_makes_the_embedded_model_call_a_declared_function(
 
 
 class FakeInventingChat:
-    """A fake chat engine (logic test): offered tools, it calls ``invented`` (a function nobody declared, as
-    the 0.5B did when told to call one) or, when told to, get_weather; without tools it answers in words."""
+    """A fake chat engine (logic test): offered tools, it says ``preamble`` and calls ``call`` (``invented`` is a
+    function nobody declared, as the 0.5B wrote when told to call one); told not to call, it answers in words."""
 
     name, device = "fake", "cpu"
 
-    def __init__(self, call: str = "invented") -> None:
-        self.call = call
+    def __init__(self, call: str = "invented", preamble: str = "", always: bool = False) -> None:
+        self.call, self.preamble, self.always = call, preamble, always
         self.choices: list[Any] = []
 
     def stream(self, messages: Any, options: GenerationOptions, cancel: Any = None) -> Any:
         self.choices.append(options.tool_choice)
-        if options.tools and options.tool_choice != "none":
+        if self.always or (options.tools and options.tool_choice != "none"):
+            yield self.preamble
             yield f'<tool_call>\n{{"name": "{self.call}", "arguments": {{}}}}\n</tool_call>'
         else:
             yield "Why did the tomato blush? It saw the salad dressing."
 
 
-@pytest.mark.parametrize("call", ["invented", "get_weather"])
-def test_a_call_of_an_undeclared_function_never_reaches_the_client(call: str) -> None:
+def _guarded(chat: FakeInventingChat, tools: list[dict[str, Any]] | None) -> tuple[list[Any], TurnMarks]:
     from types import SimpleNamespace
 
     from stemme.streaming.tools import chat_tools
     from stemme.voice.pipeline import guarded_pieces
 
-    chat = FakeInventingChat(call)
     conv = Conversation(fewshot=False)
     conv.add("user", "Tell me a joke.")
     marks = TurnMarks()
+    options = GenerationOptions(tools=chat_tools(tools) if tools else None, tool_choice="auto" if tools else None)
 
     async def run() -> list[Any]:
         stages = Stages()
         try:
             return [p async for p in guarded_pieces(SimpleNamespace(llm=chat), stages,  # type: ignore[arg-type]
-                                                    conv.messages("en"),
-                                                    GenerationOptions(tools=chat_tools([WEATHER]), tool_choice="auto"),
-                                                    threading.Event(), marks, "en")]
+                                                    conv.messages("en"), options, threading.Event(), marks, "en")]
         finally:
             stages.shutdown()
 
-    out = asyncio.run(run())
-    if call == "invented":
-        assert "".join(out).startswith("Why did the tomato") and chat.choices == ["auto", "none"], out
-        assert marks.extra.get("undeclared_call") and "echo_guard" not in marks.extra
-    else:
-        assert [type(p) for p in out] == [ToolCall] and out[0].name == "get_weather" and chat.choices == ["auto"]
+    return asyncio.run(run()), marks
+
+
+def test_a_call_of_an_undeclared_function_is_answered_in_words_instead() -> None:
+    chat = FakeInventingChat("invented")
+    out, marks = _guarded(chat, [WEATHER])
+    assert "".join(out).startswith("Why did the tomato") and chat.choices == ["auto", "none"], out
+    assert marks.extra.get("undeclared_call") == "regenerated" and "echo_guard" not in marks.extra
+
+
+def test_a_declared_call_passes() -> None:
+    chat = FakeInventingChat("get_weather")
+    out, marks = _guarded(chat, [WEATHER])
+    assert [type(p) for p in out] == [ToolCall] and out[0].name == "get_weather" and chat.choices == ["auto"]
+    assert "undeclared_call" not in marks.extra
+
+
+def test_an_undeclared_call_after_spoken_words_is_dropped_without_a_second_answer() -> None:
+    chat = FakeInventingChat("invented", preamble="Sure, let me check that for you right now. ")
+    out, marks = _guarded(chat, [WEATHER])
+    assert "".join(p for p in out if isinstance(p, str)).startswith("Sure, let me check")
+    assert not any(isinstance(p, ToolCall) for p in out) and chat.choices == ["auto"], out
+    assert marks.extra.get("undeclared_call") == "dropped"
+
+
+def test_a_call_without_any_tools_offered_is_dropped_without_a_retry() -> None:
+    chat = FakeInventingChat("get_weather", always=True)
+    out, marks = _guarded(chat, None)
+    assert not any(isinstance(p, ToolCall) for p in out) and chat.choices == [None], out
+    assert marks.extra.get("undeclared_call") == "dropped"
 
 
 async def test_sdk_response_with_a_named_tool_choice(server) -> None:

@@ -214,6 +214,11 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._emitted = 0
 
+    @property
+    def ids(self) -> list[int]:
+        """The token ids pushed so far."""
+        return self._ids
+
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         text = self._decode(self._ids)

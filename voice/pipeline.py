@@ -537,8 +537,9 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
     guard in front: the first words are held until the guard can judge them, and an answer that copies the
     user's words is dropped before anything is spoken. Then a steered answer is generated; if that one echoes
     too, a short acknowledgement in the user's language is spoken instead (``marks.extra["echo_guard"]``). A
-    call of a function the client did not declare is dropped, and the attempt made again without tools
-    (``marks.extra["undeclared_call"]``)."""
+    call of a function the client did not declare is never passed on: before anything of the answer was
+    released, the attempt is made again in words (tools were offered, the model invented one); else the call is
+    dropped (``marks.extra["undeclared_call"]``: "regenerated" or "dropped")."""
     attempts = [("regenerated", messages, False), ("acknowledged", steered(messages), True)]
     while attempts:
         outcome, msgs, warmer = attempts[0]
@@ -551,12 +552,11 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
             yield cast("str | ToolCall", p)
         if verdict is None or cancel.is_set():
             return
-        if verdict is _UNDECLARED and options.tool_choice != "none":
-            marks.extra["undeclared_call"] = True
+        if verdict is _UNDECLARED:
+            marks.extra["undeclared_call"] = "regenerated"
             options = replace(options, tool_choice="none")  # the same attempt again, in words
             continue
-        if verdict is _ECHO:
-            marks.extra["echo_guard"] = outcome
+        marks.extra["echo_guard"] = outcome
         attempts.pop(0)
     yield ACKNOWLEDGE.get(language or "", ACKNOWLEDGE["en"])
 
@@ -564,29 +564,49 @@ async def guarded_pieces(engines: Engines, stages: Stages, messages: list[dict[s
 _ECHO = object()
 """Sent by _judged instead of the answer's words when they copy the user's."""
 _UNDECLARED = object()
-"""Sent by _judged when the model calls a function the client did not declare (a small model may invent one):
-nothing of it reaches the client, and the answer is generated again without tools."""
+"""Sent by _judged when the model calls a function the client did not declare (a small model may invent one)
+while tools were offered and nothing of the answer was released: the answer is generated again in words."""
 
 
-def _declared(call: ToolCall, options: GenerationOptions) -> bool:
-    return any((t.get("function") or {}).get("name") == call.name for t in options.tools or ())
+def offered_functions(options: GenerationOptions) -> list[str]:
+    """The functions the model may call in this attempt (none when tool_choice is "none")."""
+    if not options.tools or options.tool_choice == "none":
+        return []
+    return [str((t.get("function") or {}).get("name")) for t in options.tools]
+
+
+def _undeclared(call: ToolCall, options: GenerationOptions, released: bool, marks: TurnMarks) -> object | None:
+    """What to do with a call: None passes it on; _UNDECLARED retries in words; _DROP drops it."""
+    if call.name in offered_functions(options):
+        return None
+    logger.warning("the model called a function it was not offered; %s", "dropped" if released else "retrying")
+    if released or not offered_functions(options):
+        marks.extra["undeclared_call"] = "dropped"
+        return _DROP
+    return _UNDECLARED
+
+
+_DROP = object()
 
 
 async def _judged(engines: Engines, stages: Stages, messages: list[dict[str, Any]], options: GenerationOptions,
                   cancel: threading.Event, marks: TurnMarks) -> AsyncGenerator[object, None]:
-    """One attempt: its pieces once the echo guard let its first words through, or _ECHO."""
+    """One attempt: its pieces once the echo guard let its first words through, or _ECHO (or _UNDECLARED)."""
     guard = EchoGuard(last_user_text(messages))
     held: list[str] = []
+    released = False
     attempt = _extracted(llm_pieces(engines, stages, messages, options, threading.Event()), marks, options)
     try:
         async for p in attempt:
             if cancel.is_set():
                 return
-            if isinstance(p, ToolCall) and not _declared(p, options):
-                logger.warning("the model called an undeclared function; answering without tools")
-                yield _UNDECLARED
+            if isinstance(p, ToolCall) and (call := _undeclared(p, options, released, marks)) is not None:
+                if call is _DROP:
+                    continue
+                yield call
                 return
             if isinstance(p, ToolCall) or not guard.active:
+                released = True
                 yield p
                 continue
             held.append(p)
@@ -597,6 +617,7 @@ async def _judged(engines: Engines, stages: Stages, messages: list[dict[str, Any
             if verdict:
                 yield _ECHO
                 return
+            released = True
             for h in held:
                 yield h
             held.clear()
