@@ -102,18 +102,14 @@ def forced_call_start(options: GenerationOptions | None) -> str:
     yields it as the answer's first piece (see ToolCallExtractor). "" when the choice leaves the model free."""
     if options is None or not options.tools:
         return ""
-    choice = options.tool_choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if name:
+    if name := options.named_function():
         return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {{'
-    return '<tool_call>\n{"name": "' if choice == "required" else ""
+    return '<tool_call>\n{"name": "' if options.tool_choice == "required" else ""
 
 
 def called_names(options: GenerationOptions | None) -> list[str]:
     """The names a ``required`` tool_choice lets the model call (the answer's start stops at the name)."""
-    if options is None or not options.tools or options.tool_choice != "required":
-        return []
-    return [n for t in options.tools if isinstance(n := (t.get("function") or {}).get("name"), str)]
+    return options.offered_functions() if options is not None and options.tool_choice == "required" else []
 
 
 class NameConstraint:
@@ -144,9 +140,9 @@ def _template_messages(messages: list[dict[str, Any]], options: GenerationOption
                      for c in m["tool_calls"]]
             m = {**m, "tool_calls": calls, "content": m.get("content") or ""}
         out.append(m)
-    choice = options.tool_choice if options is not None and options.tools else None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if (name or choice == "required") and out and out[0].get("role") == "system":
+    name = options.named_function() if options is not None else None
+    required = options is not None and bool(options.tools) and options.tool_choice == "required"
+    if (name or required) and out and out[0].get("role") == "system":
         must = f"Call the function {name}." if name else "Answer by calling one of the functions."
         out[0] = {**out[0], "content": f"{out[0]['content']} {must}"}
     return out

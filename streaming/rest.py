@@ -36,7 +36,7 @@ from stemme.voice import languages
 from stemme.voice.asr import AsrOptions, Transcript
 from stemme.voice.audio import ASR_RATE, OUTPUT_RATE, StreamResampler
 from stemme.voice.llm import GenerationOptions, ToolCall, ToolCallExtractor
-from stemme.voice.pipeline import clauses_of, llm_pieces, offered_functions, transcribe
+from stemme.voice.pipeline import clauses_of, llm_pieces, transcribe
 from stemme.voice.tts import Voice, clean_for_speech
 
 from stemme.errors import PromptTooLongError, StemmeError
@@ -699,19 +699,21 @@ class RestApi:
                       cancel: threading.Event) -> AsyncGenerator[str | ToolCall, None]:
         """The answer's text pieces and function calls, generated on the shared LLM scheduler. A call of a
         function the request did not offer (a small model may invent one) is dropped, never returned."""
+        offered = options.offered_functions()
         extractor = ToolCallExtractor(bare_json=bool(options.tools) and options.tool_choice != "none")
         source = llm_pieces(self.engines, self.server.stages, messages, options, cancel)
-        offered = offered_functions(options)
+
+        def kept(outs: list[str | ToolCall]) -> list[str | ToolCall]:
+            if any(isinstance(o, ToolCall) and o.name not in offered for o in outs):
+                logger.warning("the model called a function it was not offered; dropped")
+            return [o for o in outs if not (isinstance(o, ToolCall) and o.name not in offered)]
+
         try:
             async for p in source:
-                for out in extractor.push(p):
-                    if isinstance(out, ToolCall) and out.name not in offered:
-                        logger.warning("the model called a function it was not offered; dropped")
-                        continue
+                for out in kept(extractor.push(p)):
                     yield out
-            for out in extractor.flush():
-                if not (isinstance(out, ToolCall) and out.name not in offered):
-                    yield out
+            for out in kept(extractor.flush()):
+                yield out
         finally:
             await source.aclose()
 

@@ -48,6 +48,20 @@ class GenerationOptions:
     may share their key/value cache between all sessions, so that a longer fixed prompt costs nothing per turn.
     0 when the client set its own instructions or tools (sharing those would let one session time another's)."""
 
+    def offered_functions(self) -> list[str]:
+        """The names of the functions the model may call (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        functions = [t.get("function") for t in self.tools]
+        return [f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
+
+    def named_function(self) -> str | None:
+        """The function a named tool_choice (``{"type": "function", "function": {"name": …}}``) makes the model
+        call, when tools are offered."""
+        choice = self.tool_choice if self.tools else None
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        return name if isinstance(name, str) and name else None
+
 
 @dataclass
 class ToolCall:

@@ -568,19 +568,13 @@ _UNDECLARED = object()
 while tools were offered and nothing of the answer was released: the answer is generated again in words."""
 
 
-def offered_functions(options: GenerationOptions) -> list[str]:
-    """The functions the model may call in this attempt (none when tool_choice is "none")."""
-    if not options.tools or options.tool_choice == "none":
-        return []
-    return [str((t.get("function") or {}).get("name")) for t in options.tools]
-
-
 def _undeclared(call: ToolCall, options: GenerationOptions, released: bool, marks: TurnMarks) -> object | None:
     """What to do with a call: None passes it on; _UNDECLARED retries in words; _DROP drops it."""
-    if call.name in offered_functions(options):
+    offered = options.offered_functions()
+    if call.name in offered:
         return None
     logger.warning("the model called a function it was not offered; %s", "dropped" if released else "retrying")
-    if released or not offered_functions(options):
+    if released or not offered:
         marks.extra["undeclared_call"] = "dropped"
         return _DROP
     return _UNDECLARED
